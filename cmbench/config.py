@@ -1,0 +1,282 @@
+"""Load, merge, validate and hash run configs.
+
+One schema (the pydantic models below) serves the Snakefile (through cmbench.workflow) and the package.
+Merge order, lowest first: configs/defaults.yaml < datasets/<dataset>.yaml < variants/<variant>.yaml
+< the variant's `per_dataset: {<dataset>: ...}` block < command-line `--set key.path=value`.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line that names the file or key at fault."""
+
+
+def check_name(kind: str, name: Any) -> str:
+    """Suite, dataset and variant names become path components: keep them safe and boring."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"{kind} name {name!r} is not a safe path component "
+                          f"(letters, digits, '_' and '-', starting with a letter or digit)")
+    return name
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+PosInt = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+
+
+class RunId(Strict):
+    suite: str
+    dataset: str
+    variant: str
+    seed: Annotated[int, Field(ge=0)]
+
+
+class GaussianData(Strict):
+    """N(mean, std² I): closed-form score, flow and consistency map (papers.md §8.1)."""
+    kind: Literal["gaussian"]
+    dim: PosInt
+    mean: float | list[float] = 0.0
+    std: PosFloat
+
+    @model_validator(mode="after")
+    def _mean_matches_dim(self):
+        if isinstance(self.mean, list) and len(self.mean) != self.dim:
+            raise ValueError(f"mean has {len(self.mean)} entries but dim is {self.dim}")
+        return self
+
+
+class MixtureData(Strict):
+    """Equal-weight isotropic Gaussian mixture; its flow is integrated exactly in float64 (papers.md §8.3)."""
+    kind: Literal["gmm"]
+    layout: Literal["ring", "random"]
+    dim: PosInt
+    modes: Annotated[int, Field(ge=2)]
+    radius: PosFloat = 1.0
+    std: PosFloat
+    layout_seed: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _ring_is_2d(self):
+        if self.layout == "ring" and self.dim != 2:
+            raise ValueError(f"layout 'ring' needs dim 2, got {self.dim}")
+        return self
+
+
+Dataset = Annotated[Union[GaussianData, MixtureData], Field(discriminator="kind")]
+
+
+class Net(Strict):
+    name: Literal["mlp"] = "mlp"
+    width: PosInt = 128
+    depth: PosInt = 3                   # hidden layers
+    emb_features: PosInt = 16           # sin/cos features of c_noise
+    emb_max_freq: PosFloat = 4.0        # rad per unit c_noise; low works best on toys (2π·4 was 10× worse in W2)
+
+
+class Precond(Strict):
+    # cm: EDM scalings shifted so f(x, sigma_min) = x exactly (Song et al. 2023, App. C); edm: unshifted (Karras et al. 2022)
+    name: Literal["cm", "edm"] = "cm"
+    sigma_data: PosFloat = 0.5
+    sigma_min: PosFloat = 0.002
+    sigma_max: PosFloat = 80.0
+    rho: PosFloat = 7.0
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min {self.sigma_min} must be below sigma_max {self.sigma_max}")
+        return self
+
+
+class Optim(Strict):
+    name: Literal["adam", "radam"] = "adam"
+    lr: PosFloat = 3e-4
+    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = [0.9, 0.999]
+    eps: PosFloat = 1e-8
+
+
+class Train(Strict):
+    steps: PosInt
+    batch: PosInt = 512
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999   # sampling EMA; must suit the run length (calibration.md)
+    checkpoint_every: PosInt = 1000
+    keep_checkpoints: PosInt = 2
+    log_every: PosInt = 100
+    threads: PosInt = 1                 # torch intra-op threads; two 1-thread runs beat one 2-thread run on toys
+    init_from: Annotated[FilePath, Field(strict=False)] | None = None   # a checkpoint whose EMA weights start this run
+
+
+class Sample(Strict):
+    n: PosInt = 10_000
+    seed_start: Annotated[int, Field(ge=0)] = 0   # sample i uses seed seed_start + i: independent of batch size
+    batch: PosInt = 10_000
+    # explicit sigma list per number of steps; step k > 1 re-noises by sqrt(sigma_k² − sigma_min²) (CM Alg. 1)
+    sigmas: dict[str, list[PosFloat]] = {"1": [80.0], "2": [80.0, 0.8]}
+
+
+class Evaluate(Strict):
+    ref_n: PosInt = 10_000              # fresh true data for data-space Fréchet / sliced W2
+    floor_repeats: PosInt = 5           # draws of n true samples that estimate a metric's sampling-noise floor
+    sliced_projections: PosInt = 256
+
+
+class RunConfig(Strict):
+    run: RunId
+    dataset: Dataset
+    net: Net = Net()
+    precond: Precond = Precond()
+    loss: dict[str, Any]                # checked by cmbench.losses against the registered loss's own schema
+    optim: Optim = Optim()
+    train: Train
+    sample: Sample = Sample()
+    evaluate: Evaluate = Evaluate()
+
+    @model_validator(mode="after")
+    def _sigma_lists(self):
+        p = self.precond
+        for nfe, sigmas in self.sample.sigmas.items():
+            if not nfe.isdigit() or int(nfe) != len(sigmas):
+                raise ValueError(f"sample.sigmas[{nfe!r}] must list exactly {nfe} sigmas, got {sigmas}")
+            if sigmas[0] > p.sigma_max or sigmas[-1] <= p.sigma_min or sorted(sigmas, reverse=True) != sigmas:
+                raise ValueError(f"sample.sigmas[{nfe!r}] = {sigmas} must descend within "
+                                 f"(sigma_min {p.sigma_min}, sigma_max {p.sigma_max}]")
+        if "name" not in self.loss or not isinstance(self.loss["name"], str):
+            raise ValueError("loss.name is required (a registered loss)")
+        return self
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    @property
+    def hash(self) -> str:
+        return config_hash(self.to_dict())
+
+
+def config_hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def parse_overrides(items: list[str] | str | None) -> dict:
+    """`key.path=value` strings (value parsed as YAML) → nested dict. A string holds space-separated items."""
+    if not items:
+        return {}
+    if isinstance(items, str):
+        items = items.split()
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+    return out
+
+
+def format_validation_error(e: ValidationError, where: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key '{loc}'"
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{where}: {loc or 'config'}: {err['msg']} (got {err.get('input')!r}){more}"
+
+
+class Experiment:
+    """configs/: experiment.yaml (suites), defaults.yaml, datasets/*.yaml, variants/*.yaml."""
+
+    def __init__(self, root: str | Path = "configs"):
+        self.root = Path(root)
+        self.suites = load_yaml(self.root / "experiment.yaml").get("suites") or {}
+        if not isinstance(self.suites, dict):
+            raise ConfigError(f"{self.root / 'experiment.yaml'}: 'suites' must be a mapping")
+
+    def suite(self, name: str) -> dict:
+        check_name("suite", name)
+        where = f"{self.root / 'experiment.yaml'}: suite '{name}'"
+        if name not in self.suites:
+            raise ConfigError(f"{where}: no such suite (known: {', '.join(sorted(self.suites))})")
+        s = self.suites[name]
+        allowed = {"variants", "datasets", "seeds", "nfe"}
+        if not isinstance(s, dict) or set(s) - allowed or not allowed <= set(s):
+            raise ConfigError(f"{where}: must have exactly the keys {sorted(allowed)}")
+        for key in ("variants", "datasets"):
+            if not isinstance(s[key], list) or not s[key]:
+                raise ConfigError(f"{where}: {key} must be a non-empty list")
+            for n in s[key]:
+                check_name(key[:-1], n)
+        for key in ("seeds", "nfe"):
+            if not isinstance(s[key], list) or not s[key] or not all(isinstance(v, int) and v >= 0 for v in s[key]):
+                raise ConfigError(f"{where}: {key} must be a non-empty list of non-negative integers")
+        return s
+
+    def _named(self, kind: str, name: str) -> dict:
+        path = self.root / f"{kind}s" / f"{check_name(kind, name)}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in (self.root / f"{kind}s").glob("*.yaml"))
+            raise ConfigError(f"{path}: no such {kind} (known: {', '.join(known)})")
+        return load_yaml(path)
+
+    def resolve(self, suite: str, dataset: str, variant: str, seed: int, overrides: dict | None = None) -> RunConfig:
+        where = f"config {suite}/{dataset}/{variant}/s{seed}"
+        merged = load_yaml(self.root / "defaults.yaml")
+        merged = deep_merge(merged, self._named("dataset", dataset))
+        variant_cfg = self._named("variant", variant)
+        per_dataset = variant_cfg.pop("per_dataset", None) or {}
+        if not isinstance(per_dataset, dict):
+            raise ConfigError(f"{self.root}/variants/{variant}.yaml: per_dataset must be a mapping of dataset names")
+        merged = deep_merge(merged, variant_cfg)
+        merged = deep_merge(merged, per_dataset.get(dataset) or {})
+        merged = deep_merge(merged, overrides or {})
+        merged["run"] = {"suite": suite, "dataset": dataset, "variant": variant, "seed": seed}
+        try:
+            return RunConfig.model_validate(merged)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, where)) from None
+
+
+def load_run_config(rdir: str | Path) -> RunConfig:
+    """The resolved config a run dir was trained with (its config.json)."""
+    saved = json.loads((Path(rdir) / "config.json").read_text())
+    return RunConfig.model_validate_json(json.dumps(saved["config"]))
