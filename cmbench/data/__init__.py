@@ -1,0 +1,1 @@
+"""Toy data distributions with exact (closed-form or high-accuracy ODE) ground truth."""

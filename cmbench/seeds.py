@@ -1,0 +1,20 @@
+"""Per-sample seeds and their noise (numpy only, so metrics can rebuild x_T without torch)."""
+import numpy as np
+
+from cmbench.config import RunConfig
+
+
+def seed_noise(seeds: np.ndarray, shape: tuple, stream: int) -> np.ndarray:
+    """Standard normal noise, one independent generator per (seed, stream): stream k feeds sampling step k, so
+    a sample does not depend on batch size or device count (as NVlabs/edm generate.py)."""
+    return np.stack([np.random.default_rng([int(s), stream]).standard_normal(shape) for s in seeds])
+
+
+def sample_seeds(cfg: RunConfig) -> np.ndarray:
+    return np.arange(cfg.sample.seed_start, cfg.sample.seed_start + cfg.sample.n, dtype=np.int64)
+
+
+def initial_noise(cfg: RunConfig, nfe: int) -> np.ndarray:
+    """x_T = σ_0·z for every sample seed, in float32 as the network sees it."""
+    sigma0 = cfg.sample.sigmas[str(nfe)][0]
+    return (sigma0 * seed_noise(sample_seeds(cfg), (cfg.dataset.dim,), 0)).astype(np.float32)
