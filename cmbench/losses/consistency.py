@@ -1,0 +1,60 @@
+"""The discrete-time consistency loss shared by CT and iCT (and, later, CD-style targets)."""
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from cmbench.config import RunConfig, Strict
+from cmbench.losses import pieces
+
+
+class DiscreteParams(Strict):
+    distance: Literal["l2", "l1", "pseudo_huber"]
+    huber_c: float | None = Field(default=None, gt=0)      # None: iCT's 0.00054·sqrt(D)
+    weighting: Literal["uniform", "inv_delta"]
+
+
+class DiscreteConsistencyLoss(ABC):
+    """λ(σ_i, σ_{i+1}) · d( f_θ(x + σ_{i+1} z, σ_{i+1}), stopgrad f_θ⁻(x + σ_i z, σ_i) ), same z for both points
+    (consistency training: Song et al. 2023, Alg. 3 and Thm. 2). Subclasses choose N(k), the pairing p(i) and μ(k).
+    Returns the unreduced per-sample loss; the training loop reduces it."""
+
+    def __init__(self, params: DiscreteParams, cfg: RunConfig):
+        self.params, self.total_steps = params, cfg.train.steps
+        p = cfg.precond
+        self.sigma_min, self.sigma_max, self.rho = p.sigma_min, p.sigma_max, p.rho
+        self.weight = pieces.WEIGHTINGS[params.weighting]
+        c = params.huber_c if params.huber_c is not None else pieces.ict_huber_c(cfg.dataset.dim)
+        self.distance = {"l2": pieces.l2, "l1": pieces.l1,
+                         "pseudo_huber": lambda a, b: pieces.pseudo_huber(a, b, c)}[params.distance]
+
+    @abstractmethod
+    def discretization(self, step: int) -> int:
+        """N(k): number of grid points at training step k."""
+
+    @abstractmethod
+    def pair_probs(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """p(i) over the N − 1 adjacent pairs of the grid."""
+
+    def target_ema(self, step: int) -> float | None:
+        """μ(k) for the target network θ⁻; None means θ⁻ = stopgrad(θ) (no target network is kept)."""
+        return None
+
+    def stats(self, step: int) -> dict:
+        out = {"N": self.discretization(step)}
+        mu = self.target_ema(step)
+        if mu is not None:
+            out["mu"] = mu
+        return out
+
+    def __call__(self, model, target, x0: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+        sigmas = pieces.karras_sigmas(self.discretization(step), self.sigma_min, self.sigma_max, self.rho)
+        i = torch.multinomial(self.pair_probs(sigmas), x0.shape[0], replacement=True, generator=generator)
+        sig_lo, sig_hi = (s.to(x0.device, x0.dtype) for s in (sigmas[i], sigmas[i + 1]))
+        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        bshape = (-1,) + (1,) * (x0.ndim - 1)
+        pred = model(x0 + sig_hi.reshape(bshape) * z, sig_hi)
+        with torch.no_grad():
+            tgt = target(x0 + sig_lo.reshape(bshape) * z, sig_lo)
+        return self.weight(sig_lo, sig_hi) * self.distance(pred, tgt)
