@@ -1,0 +1,156 @@
+"""The one training loop. Every variant runs through it; a variant only picks a registered loss and knobs."""
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cmbench import losses, paths
+from cmbench.config import ConfigError, RunConfig
+from cmbench.data.toy import make_toy
+from cmbench.errors import TrainingDiverged
+from cmbench.nets import build_model
+from cmbench.train import checkpoint
+
+
+def build_optimizer(cfg: RunConfig, params):
+    o = cfg.optim
+    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[o.name]
+    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def write_run_config(cfg: RunConfig, rdir: Path) -> None:
+    """config.json describes the run; a run dir holding another config's checkpoints is refused, not mixed."""
+    path = rdir / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text()).get("hash")
+        if old != cfg.hash and checkpoint.list_checkpoints(rdir / "checkpoints"):
+            raise ConfigError(f"{rdir} holds checkpoints of config {old}, not {cfg.hash}: "
+                              f"move {rdir / 'checkpoints'} away to start this config afresh")
+    rdir.mkdir(parents=True, exist_ok=True)
+    tmp = rdir / ".config.json.tmp"
+    tmp.write_text(json.dumps({"hash": cfg.hash, "config": cfg.to_dict()}, indent=2))
+    os.replace(tmp, path)
+
+
+def truncate_stats(path: Path, start_step: int) -> None:
+    """After a resume, drop stats lines from steps the checkpoint does not cover (they will be redone)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < start_step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
+    """Train until cfg.train.steps, resuming from the newest valid checkpoint; returns the final weights file.
+    Idempotent: returns at once when the final file of this config exists."""
+    rdir = Path(rdir)
+    final = paths.final_weights(rdir)
+    if final.exists() and checkpoint.load(final)["config_hash"] == cfg.hash:
+        return final
+    write_run_config(cfg, rdir)
+    t = cfg.train
+    torch.set_num_threads(t.threads)
+    loss_fn = losses.build(cfg)
+    data = make_toy(cfg.dataset.model_dump())
+
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg)
+    if t.init_from is not None:
+        model.load_state_dict(checkpoint.load(t.init_from)["ema"])
+    ema = copy.deepcopy(model).requires_grad_(False)
+    target = copy.deepcopy(model).requires_grad_(False) if loss_fn.target_ema(0) is not None else None
+    opt = build_optimizer(cfg, model.parameters())
+    generator = torch.Generator().manual_seed(cfg.run.seed)   # the data and noise stream: its state is the cursor
+
+    ckdir = rdir / "checkpoints"
+    ckdir.mkdir(exist_ok=True)
+    state, path = checkpoint.load_latest_valid(ckdir)
+    start = 0
+    if state is not None:
+        if state["config_hash"] != cfg.hash:
+            raise ConfigError(f"{path} was written by config {state['config_hash']}, not {cfg.hash}")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        if target is not None:
+            target.load_state_dict(state["target"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state, generator)
+        start = state["step"]
+        print(f"cmbench: resuming {rdir} from {path.name} (step {start})", file=sys.stderr)
+    stats_path = rdir / "stats.jsonl"
+    truncate_stats(stats_path, start)
+
+    def save(step: int) -> Path:
+        ck = {"step": step, "config_hash": cfg.hash, "model": model.state_dict(), "ema": ema.state_dict(),
+              "optimizer": opt.state_dict(), **rng_state(generator)}
+        if target is not None:
+            ck["target"] = target.state_dict()
+        out = checkpoint.ckpt_path(ckdir, step)
+        checkpoint.save_atomic(ck, out)
+        checkpoint.prune(ckdir, t.keep_checkpoints)
+        return out
+
+    def diverged(step: int, what: str, value: torch.Tensor) -> TrainingDiverged:
+        good = checkpoint.list_checkpoints(ckdir)
+        return TrainingDiverged(f"{cfg.run.variant} ({rdir}): step {step}: non-finite {what} ({value.item()}); "
+                                f"last good checkpoint: {good[-1] if good else 'none'}")
+
+    params = list(model.parameters())
+    loss_sum, n_acc, tick = 0.0, 0, time.perf_counter()
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=None if progress else True,
+               desc=f"{cfg.run.variant}/{cfg.run.dataset}/s{cfg.run.seed}", mininterval=2, leave=False)
+    with open(stats_path, "a") as stats:
+        for step in bar:
+            x0 = data.sample_torch(t.batch, generator)
+            loss = loss_fn(model, target if target is not None else model, x0, step, generator).mean()
+            if not torch.isfinite(loss):
+                raise diverged(step, "loss", loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf)
+            if not torch.isfinite(grad_norm):
+                raise diverged(step, "gradient norm", grad_norm)
+            opt.step()
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), params):
+                    e.lerp_(p, 1 - t.ema_decay)
+                if target is not None:
+                    mu = loss_fn.target_ema(step)
+                    for e, p in zip(target.parameters(), params):
+                        e.lerp_(p, 1 - mu)
+            loss_sum, n_acc = loss_sum + loss.item(), n_acc + 1
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                now = time.perf_counter()
+                rec = {"step": step, "loss": loss_sum / n_acc, "grad_norm": grad_norm.item(),
+                       "lr": opt.param_groups[0]["lr"], **loss_fn.stats(step),
+                       "sec_per_kstep": 1000 * (now - tick) / n_acc}
+                stats.write(json.dumps(rec) + "\n")
+                stats.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.3g}")
+                loss_sum, n_acc, tick = 0.0, 0, now
+            if done % t.checkpoint_every == 0 and done < t.steps:
+                save(done)
+    checkpoint.save_atomic({"step": t.steps, "config_hash": cfg.hash, "model": model.state_dict(),
+                            "ema": ema.state_dict()}, final)
+    return final
