@@ -1,0 +1,93 @@
+# cmbench workflow: train → sample (per NFE) → evaluate → tables. Logic lives in cmbench.workflow;
+# every config is resolved and validated while this file is parsed, before any job starts.
+#   snakemake --cores 2 all                              # the toy suite
+#   snakemake --cores 2 all --config suite=NAME set="train.steps=2000 sample.n=5000"
+import sys
+
+from cmbench.config import ConfigError
+from cmbench.workflow import Plan
+
+try:
+    P = Plan.from_snakemake(config)
+except ConfigError as e:
+    sys.exit(f"cmbench: config error: {e}")
+
+RUN = f"{P.results}/runs/{{suite}}/{{dataset}}/{{variant}}/s{{seed}}"
+
+wildcard_constraints:
+    suite="[A-Za-z0-9_-]+",
+    dataset="[A-Za-z0-9_-]+",
+    variant="[A-Za-z0-9_-]+",
+    seed=r"\d+",
+    nfe=r"\d+",
+
+
+rule all:
+    input:
+        P.tables(),
+
+
+rule train:
+    output:
+        f"{RUN}/final.pt",
+    params:
+        config_hash=lambda w: P.run(w).hash,   # a changed config re-runs the job
+        args=P.args,
+    threads: lambda w: P.run(w).train.threads
+    log:
+        f"{RUN}/logs/train.log",
+    shell:
+        "cmbench launch train {params.args} > {log} 2>&1"
+
+
+rule sample:
+    input:
+        f"{RUN}/final.pt",
+    output:
+        f"{RUN}/samples/nfe{{nfe}}.npz",
+    params:
+        args=P.args,
+    log:
+        f"{RUN}/logs/sample-nfe{{nfe}}.log",
+    shell:
+        "cmbench launch sample {params.args} --nfe {wildcards.nfe} > {log} 2>&1"
+
+
+rule reference:
+    output:
+        f"{P.results}/reference/{{dataset}}-{{key}}.npz",
+    params:
+        args=lambda w, output: P.reference_args(output[0]),
+    log:
+        f"{P.results}/reference/logs/{{dataset}}-{{key}}.log",
+    shell:
+        "cmbench launch reference {params.args} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        samples=f"{RUN}/samples/nfe{{nfe}}.npz",
+        reference=P.reference,
+    output:
+        f"{RUN}/metrics/nfe{{nfe}}.json",
+    params:
+        args=P.args,
+    log:
+        f"{RUN}/logs/evaluate-nfe{{nfe}}.log",
+    shell:
+        "cmbench launch evaluate {params.args} --nfe {wildcards.nfe} > {log} 2>&1"
+
+
+rule report:
+    input:
+        P.metric_files(),
+    output:
+        P.tables(),
+    params:
+        tables=f"{P.results}/tables",
+        plots=f"{P.results}/plots",
+    log:
+        f"{P.results}/tables/logs/report-{P.suite}.log",
+    shell:
+        "cmbench report --suite {P.suite} --records {input} --tables {params.tables} "
+        "--plots {params.plots} > {log} 2>&1"

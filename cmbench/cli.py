@@ -1,0 +1,105 @@
+"""The `cmbench` command."""
+import argparse
+import sys
+
+import yaml
+
+
+def _run_args(p: argparse.ArgumentParser, nfe: bool = False) -> None:
+    p.add_argument("--suite", default="toy")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (YAML value); repeatable")
+    p.add_argument("--configs", default="configs", help="config directory (default: %(default)s)")
+    p.add_argument("--results", default="results", help="results directory (default: %(default)s)")
+    if nfe:
+        p.add_argument("--nfe", type=int)
+
+
+def _resolve(a):
+    from cmbench.config import Experiment, parse_overrides
+    from cmbench.workflow import check_run
+    return check_run(Experiment(a.configs).resolve(a.suite, a.dataset, a.variant, a.seed, parse_overrides(a.set)))
+
+
+def cmd_resolve(a):
+    cfg = _resolve(a)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(f"# hash: {cfg.hash}")
+
+
+def cmd_train(a):
+    from cmbench import paths
+    from cmbench.train.loop import train
+    cfg = _resolve(a)
+    print(train(cfg, paths.run_dir(a.results, cfg.run)))
+
+
+def cmd_sample(a):
+    from cmbench.sample import sample_run
+    print(sample_run(a.run, a.nfe, a.out))
+
+
+def cmd_evaluate(a):
+    from cmbench.metrics.evaluate import evaluate_run
+    print(evaluate_run(a.run, a.nfe, a.results))
+
+
+def cmd_launch(a):
+    from cmbench.launch import launch
+    if a.stage != "train" and a.nfe is None:
+        sys.exit(f"cmbench: error: launch {a.stage} needs --nfe")
+    launch(a.stage, _resolve(a), a.results, a.nfe, a.launcher)
+
+
+def cmd_report(a):
+    from cmbench.report import report
+    for path in report(a.suite, a.records, a.tables, a.plots):
+        print(path)
+
+
+def main(argv=None) -> None:
+    from cmbench.config import ConfigError
+    from cmbench.errors import TrainingDiverged
+    from cmbench.launch import LAUNCHERS, STAGES
+
+    ap = argparse.ArgumentParser(prog="cmbench", description="consistency-model benchmark harness")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("resolve", help="print a run's merged, validated config and its hash")
+    _run_args(p)
+    p.set_defaults(func=cmd_resolve)
+    p = sub.add_parser("train", help="train one run in this process (resumes; no-op when finished)")
+    _run_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("launch", help="run a stage of one run through a launcher and wait for it")
+    p.add_argument("stage", choices=sorted(STAGES))
+    p.add_argument("--launcher", choices=LAUNCHERS, default="inline")
+    _run_args(p, nfe=True)
+    p.set_defaults(func=cmd_launch)
+    p = sub.add_parser("sample", help="sample a finished run to an npz (samples, seeds, x_T, σ list)")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--nfe", type=int, required=True)
+    p.add_argument("--out", default=None, help="output npz (default: RUN/samples/nfeK.npz)")
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("evaluate", help="metric records for a run's samples at one NFE")
+    p.add_argument("--run", required=True)
+    p.add_argument("--nfe", type=int, required=True)
+    p.add_argument("--results", default="results")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("report", help="collate metric records into tables and plots")
+    p.add_argument("--suite", required=True)
+    p.add_argument("--records", nargs="+", required=True, help="metric record files (JSON)")
+    p.add_argument("--tables", default="results/tables")
+    p.add_argument("--plots", default="results/plots")
+    p.set_defaults(func=cmd_report)
+    a = ap.parse_args(argv)
+    try:
+        a.func(a)
+    except (ConfigError, TrainingDiverged) as e:
+        sys.exit(f"cmbench: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

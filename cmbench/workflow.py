@@ -1,0 +1,92 @@
+"""The run table and target lists for the Snakefile. All validation happens here, at `snakemake -n` time."""
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmbench import paths
+from cmbench.config import ConfigError, Experiment, RunConfig, parse_overrides
+
+DEFAULT_SUITE = "toy"
+SNAKEMAKE_KEYS = {"suite", "set", "configs", "results", "launcher"}
+
+
+def check_run(cfg: RunConfig) -> RunConfig:
+    """Checks that need the registries (import torch): the loss name and its parameters. Returns the config
+    with the loss's defaults filled in, so that the printed config and its hash say everything."""
+    from cmbench import losses
+    params = losses.build(cfg).params
+    return cfg.model_copy(update={"loss": params.model_dump(mode="json")})
+
+
+@dataclass
+class Plan:
+    suite: str
+    runs: dict[str, RunConfig]       # run dir → resolved config
+    nfes: list[int]
+    results: str
+    configs: str
+    overrides: list[str]
+    launcher: str
+
+    @classmethod
+    def from_snakemake(cls, config: dict) -> "Plan":
+        unknown = set(config) - SNAKEMAKE_KEYS
+        if unknown:
+            raise ConfigError(f"unknown --config key(s) {sorted(unknown)} (known: {sorted(SNAKEMAKE_KEYS)})")
+        suite = config.get("suite", DEFAULT_SUITE)
+        overrides = config.get("set") or []
+        overrides = overrides.split() if isinstance(overrides, str) else list(overrides)
+        configs, results = str(config.get("configs", "configs")), str(config.get("results", "results"))
+        exp = Experiment(configs)
+        s = exp.suite(suite)
+        parsed = parse_overrides(overrides)
+        runs = {}
+        for dataset in s["datasets"]:
+            for variant in s["variants"]:
+                for seed in s["seeds"]:
+                    cfg = check_run(exp.resolve(suite, dataset, variant, seed, parsed))
+                    missing = [n for n in s["nfe"] if str(n) not in cfg.sample.sigmas]
+                    if missing:
+                        raise ConfigError(f"config {suite}/{dataset}/{variant}/s{seed}: suite asks for NFE "
+                                          f"{missing} but sample.sigmas has no list for it")
+                    runs[str(paths.run_dir(results, cfg.run))] = cfg
+        launcher = str(config.get("launcher", "inline"))
+        return cls(suite, runs, list(s["nfe"]), results, configs, overrides, launcher)
+
+    # --- targets -------------------------------------------------------------------------------------
+    def metric_files(self) -> list[str]:
+        return [str(paths.metrics_file(r, n)) for r in self.runs for n in self.nfes]
+
+    def tables(self) -> list[str]:
+        t = Path(self.results) / "tables"
+        return [str(t / "records.csv"), str(t / f"summary_{self.suite}.md"),
+                str(Path(self.results) / "plots" / f"{self.suite}_metrics.png")]
+
+    # --- per-job values (wildcards → run) ---------------------------------------------------------------
+    def run(self, w) -> RunConfig:
+        return self.runs[str(Path(self.results) / "runs" / w.suite / w.dataset / w.variant / f"s{w.seed}")]
+
+    def args(self, w) -> str:
+        """The run-identifying arguments of `cmbench launch`, as one shell-safe string."""
+        cfg = self.run(w)
+        sets = "".join(f" --set '{o}'" for o in self.overrides)
+        return (f"--suite {cfg.run.suite} --dataset {cfg.run.dataset} --variant {cfg.run.variant} "
+                f"--seed {cfg.run.seed} --configs '{self.configs}' --results '{self.results}' "
+                f"--launcher {self.launcher}{sets}")
+
+    def reference(self, w) -> str:
+        from cmbench.metrics.evaluate import reference_path
+        return str(reference_path(self.run(w), int(w.nfe), self.results))
+
+    def reference_sources(self) -> dict[str, tuple[RunConfig, int]]:
+        """Cached ground-truth file → a (run, NFE) that defines it (runs sharing a key share the file)."""
+        from cmbench.metrics.evaluate import reference_path
+        out = {}
+        for cfg in self.runs.values():
+            for n in self.nfes:
+                out.setdefault(str(reference_path(cfg, n, self.results)), (cfg, n))
+        return out
+
+    def reference_args(self, output: str) -> str:
+        cfg, nfe = self.reference_sources()[output]
+        w = type("W", (), {**cfg.run.model_dump(), "seed": str(cfg.run.seed)})
+        return f"{self.args(w)} --nfe {nfe}"

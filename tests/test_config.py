@@ -1,0 +1,119 @@
+"""Config merge order, hashing, and one test per kind of bad config (each a one-line error)."""
+import subprocess
+import sys
+
+import pytest
+
+from cmbench.config import ConfigError, Experiment, parse_overrides
+from cmbench.workflow import Plan, check_run
+from conftest import REPO, edit_yaml
+
+
+def resolve(configs, variant="ict", dataset="gauss1d", overrides=None):
+    return check_run(Experiment(configs).resolve("toy", dataset, variant, 0, overrides))
+
+
+def test_merge_order(configs):
+    # defaults < dataset < variant < per-dataset override < command line
+    edit_yaml(configs / "datasets" / "gauss1d.yaml", {"optim": {"lr": 1e-3}, "train": {"batch": 64, "log_every": 7}})
+    edit_yaml(configs / "variants" / "ict.yaml", {"train": {"steps": 100, "batch": 128, "checkpoint_every": 9},
+                                                  "per_dataset": {"gauss1d": {"train": {"checkpoint_every": 11}}}})
+    cfg = resolve(configs, overrides=parse_overrides(["train.checkpoint_every=13"]))
+    assert cfg.optim.lr == 1e-3                      # dataset over defaults
+    assert cfg.train.log_every == 7
+    assert cfg.train.batch == 128                    # variant over dataset
+    assert cfg.train.checkpoint_every == 13          # command line over per-dataset over variant
+    assert resolve(configs).train.checkpoint_every == 11
+    assert resolve(configs, dataset="ring2d").train.checkpoint_every == 9
+
+
+def test_hash_is_stable_and_sensitive(configs):
+    a, b = resolve(configs), resolve(configs)
+    assert a.hash == b.hash and len(a.hash) == 16
+    assert resolve(configs, overrides={"train": {"steps": 5}}).hash != a.hash
+    assert a.loss["huber_c"] is None and a.loss["s0"] == 10     # loss defaults are filled in, so hashed
+
+
+def one_line_error(fn, *match):
+    with pytest.raises(ConfigError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    for m in match:
+        assert m in msg, msg
+    return msg
+
+
+def test_unknown_key(configs):
+    edit_yaml(configs / "variants" / "ict.yaml", {"train": {"steps": 100, "stepz": 5}})
+    one_line_error(lambda: resolve(configs), "unknown key 'train.stepz'", "ict")
+
+
+def test_unknown_loss_param(configs):
+    edit_yaml(configs / "variants" / "ict.yaml", {"loss": {"name": "ict", "s00": 3}})
+    one_line_error(lambda: resolve(configs), "loss", "unknown key 's00'")
+
+
+def test_wrong_type(configs):
+    edit_yaml(configs / "variants" / "ict.yaml", {"train": {"steps": "ten"}})
+    one_line_error(lambda: resolve(configs), "train.steps", "valid integer")
+
+
+def test_out_of_range(configs):
+    edit_yaml(configs / "variants" / "ct.yaml", {"loss": {"name": "ct", "mu0": 1.5}})
+    one_line_error(lambda: resolve(configs, variant="ct"), "mu0")
+
+
+@pytest.mark.parametrize("name", ["../etc", "a b", "x/y", ""])
+def test_unsafe_names(configs, name):
+    one_line_error(lambda: Experiment(configs).resolve("toy", "gauss1d", name, 0), "not a safe path component")
+    edit_yaml(configs / "experiment.yaml", {"suites": {"toy": {"variants": [name], "datasets": ["gauss1d"],
+                                                               "seeds": [0], "nfe": [1]}}})
+    one_line_error(lambda: Plan.from_snakemake({"configs": str(configs)}), "not a safe path component")
+
+
+def test_unknown_variant_and_loss(configs):
+    one_line_error(lambda: resolve(configs, variant="nope"), "no such variant", "known: ct, ict")
+    edit_yaml(configs / "variants" / "ict.yaml", {"loss": {"name": "ictt"}})
+    one_line_error(lambda: resolve(configs), "'ictt' is not a registered loss", "known: ct, ict")
+
+
+def test_missing_file(configs, tmp_path):
+    edit_yaml(configs / "variants" / "ict.yaml", {"train": {"steps": 10, "init_from": str(tmp_path / "no.pt")}})
+    one_line_error(lambda: resolve(configs), "train.init_from", "does not point to a file")
+
+
+def test_impossible_combinations(configs):
+    edit_yaml(configs / "datasets" / "ring2d.yaml", {"dataset": {"kind": "gmm", "layout": "ring", "dim": 3,
+                                                                "modes": 8, "std": 0.05}})
+    one_line_error(lambda: resolve(configs, dataset="ring2d"), "needs dim 2")
+    one_line_error(lambda: resolve(configs, overrides={"sample": {"sigmas": {"2": [0.8, 80.0]}}}), "must descend")
+    one_line_error(lambda: resolve(configs, overrides={"sample": {"sigmas": {"2": [80.0]}}}), "exactly 2 sigmas")
+    edit_yaml(configs / "experiment.yaml", {"suites": {"toy": {"variants": ["ict"], "datasets": ["gauss1d"],
+                                                               "seeds": [0], "nfe": [3]}}})
+    one_line_error(lambda: Plan.from_snakemake({"configs": str(configs)}), "NFE [3]")
+
+
+def test_bad_snakemake_config_keys(configs):
+    one_line_error(lambda: Plan.from_snakemake({"configs": str(configs), "suit": "toy"}), "unknown --config key")
+    one_line_error(lambda: Plan.from_snakemake({"configs": str(configs), "suite": "nope"}), "no such suite")
+
+
+def test_snakemake_dry_run_fails_before_any_job(configs, tmp_path):
+    edit_yaml(configs / "variants" / "ict.yaml", {"train": {"steps": 100, "stepz": 5}})
+    r = subprocess.run([sys.executable, "-m", "snakemake", "all", "-n", "--cores", "1", "-s", str(REPO / "Snakefile"),
+                        "--directory", str(tmp_path), "--config", f"configs={configs}"],
+                       capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "cmbench: config error:" in out and "unknown key 'train.stepz'" in out, out
+    assert not (tmp_path / "results").exists()
+
+
+def test_cli_resolve_prints_config_and_hash(configs):
+    r = subprocess.run([sys.executable, "-m", "cmbench.cli", "resolve", "--configs", str(configs), "--dataset",
+                        "ring2d", "--variant", "ct", "--seed", "1", "--set", "train.steps=7"],
+                       capture_output=True, text=True, check=True)
+    assert "steps: 7" in r.stdout and "mu_rule: paper" in r.stdout
+    expected = check_run(Experiment(configs).resolve("toy", "ring2d", "ct", 1, {"train": {"steps": 7}}))
+    assert r.stdout.strip().splitlines()[-1] == f"# hash: {expected.hash}"
