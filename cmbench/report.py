@@ -30,7 +30,7 @@ def summary_markdown(df: pd.DataFrame, suite: str) -> str:
             lambda v: "" if pd.isna(v) else f"{v:.4g}").to_frame("ideal").T
         table = pd.concat([cells, ideal]).sort_index(axis=1)
         table.columns = [f"{m} @{n}" for m, n in table.columns]
-        seeds = sorted(d["seed"].unique())
+        seeds = sorted(int(s) for s in d["seed"].unique())
         lines += [f"## {dataset}", "", f"{d['n_gen'].iloc[0]} samples per run; seeds {seeds}.", "",
                   table.to_markdown(), ""]
     return "\n".join(lines)
