@@ -24,7 +24,7 @@ wildcard_constraints:
 
 rule all:
     input:
-        P.tables(),
+        P.targets(),
 
 
 rule train:

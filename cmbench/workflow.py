@@ -56,6 +56,13 @@ class Plan:
     def metric_files(self) -> list[str]:
         return [str(paths.metrics_file(r, n)) for r in self.runs for n in self.nfes]
 
+    def targets(self) -> list[str]:
+        """Every run's artifacts, not only the tables: Snakemake does not re-create a deleted intermediate
+        whose consumers are up to date, so a deleted final.pt is re-made only if it is a target itself."""
+        runs = [str(paths.final_weights(r)) for r in self.runs]
+        samples = [str(paths.samples_file(r, n)) for r in self.runs for n in self.nfes]
+        return runs + samples + self.metric_files() + self.tables()
+
     def tables(self) -> list[str]:
         t = Path(self.results) / "tables"
         return [str(t / "records.csv"), str(t / f"summary_{self.suite}.md"),

@@ -96,7 +96,7 @@ class Gaussian(ToyDistribution):
         import torch
 
         z = torch.randn(n, self.dim, generator=generator, device=generator.device)
-        return torch.as_tensor(self.mean, dtype=torch.float32, device=generator.device) + self.std * z
+        return torch.tensor(self.mean, dtype=torch.float32, device=generator.device) + self.std * z
 
     def _var(self, x, sigma):
         """Variance s^2 + sigma^2 of the noised marginal, as an [n, 1] column."""
@@ -142,11 +142,11 @@ class GaussianMixture(ToyDistribution):
         import torch
 
         device = generator.device
-        weights = torch.as_tensor(self.weights, device=device)
+        weights = torch.tensor(self.weights, device=device)
         k = torch.multinomial(weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, device=device, dtype=torch.float64)
-        means = torch.as_tensor(self.means, device=device)
-        stds = torch.as_tensor(self.stds, device=device)
+        means = torch.tensor(self.means, device=device)
+        stds = torch.tensor(self.stds, device=device)
         return (means[k] + stds[k, None] * z).float()
 
     def _posterior(self, x, sigma):
