@@ -1,7 +1,7 @@
-# cmbench workflow: train → sample (per NFE) → evaluate → tables. Logic lives in cmbench.workflow;
-# every config is resolved and validated while this file is parsed, before any job starts.
-#   snakemake --cores 2 all                              # the toy suite
-#   snakemake --cores 2 all --config suite=NAME set="train.steps=2000 sample.n=5000"
+# cmbench workflow: train → sample (per NFE) → evaluate → records per run → tables. Logic lives in
+# cmbench.workflow; every config is resolved and validated while this file is parsed, before any job starts.
+#   snakemake --cores 2 all                              # the toy suite, one job per run (fused stages)
+#   snakemake --cores 2 all --config suite=NAME set="train.steps=2000 sample.n=5000" fuse=False
 import sys
 
 from cmbench.config import ConfigError
@@ -27,32 +27,6 @@ rule all:
         P.targets(),
 
 
-rule train:
-    output:
-        f"{RUN}/final.pt",
-    params:
-        config_hash=lambda w: P.run(w).hash,   # a changed config re-runs the job
-        args=P.args,
-    threads: lambda w: P.run(w).train.threads
-    log:
-        f"{RUN}/logs/train.log",
-    shell:
-        "cmbench launch train {params.args} > {log} 2>&1"
-
-
-rule sample:
-    input:
-        f"{RUN}/final.pt",
-    output:
-        f"{RUN}/samples/nfe{{nfe}}.npz",
-    params:
-        args=P.args,
-    log:
-        f"{RUN}/logs/sample-nfe{{nfe}}.log",
-    shell:
-        "cmbench launch sample {params.args} --nfe {wildcards.nfe} > {log} 2>&1"
-
-
 rule reference:
     output:
         f"{P.results}/reference/{{dataset}}-{{key}}.npz",
@@ -64,23 +38,83 @@ rule reference:
         "cmbench launch reference {params.args} > {log} 2>&1"
 
 
-rule evaluate:
-    input:
-        samples=f"{RUN}/samples/nfe{{nfe}}.npz",
-        reference=P.reference,
-    output:
-        f"{RUN}/metrics/nfe{{nfe}}.json",
-    params:
-        args=P.args,
-    log:
-        f"{RUN}/logs/evaluate-nfe{{nfe}}.log",
-    shell:
-        "cmbench launch evaluate {params.args} --nfe {wildcards.nfe} > {log} 2>&1"
+if P.fuse:
+
+    # One process trains, samples and evaluates a run: on a laptop, process start-up costs more than a toy
+    # run's sampling and evaluation (a teacher run outside the suite is evaluated too: it is cheap).
+    rule run:
+        input:
+            P.teacher_weights,
+            P.references,
+        output:
+            f"{RUN}/final.pt",
+            f"{RUN}/metrics/records.json",
+        params:
+            config_hash=lambda w: P.run(w).hash,
+            args=P.args,
+        threads: lambda w: P.run(w).train.threads
+        log:
+            f"{RUN}/logs/run.log",
+        shell:
+            "cmbench launch run {params.args} > {log} 2>&1"
+
+else:
+
+    rule train:
+        input:
+            P.teacher_weights,
+        output:
+            f"{RUN}/final.pt",
+        params:
+            config_hash=lambda w: P.run(w).hash,   # a changed config re-runs the job
+            args=P.args,
+        threads: lambda w: P.run(w).train.threads
+        log:
+            f"{RUN}/logs/train.log",
+        shell:
+            "cmbench launch train {params.args} > {log} 2>&1"
+
+    rule sample:
+        input:
+            f"{RUN}/final.pt",
+        output:
+            f"{RUN}/samples/nfe{{nfe}}.npz",
+        params:
+            args=P.args,
+        log:
+            f"{RUN}/logs/sample-nfe{{nfe}}.log",
+        shell:
+            "cmbench launch sample {params.args} --nfe {wildcards.nfe} > {log} 2>&1"
+
+    rule evaluate:
+        input:
+            samples=f"{RUN}/samples/nfe{{nfe}}.npz",
+            reference=P.reference,
+        output:
+            f"{RUN}/metrics/nfe{{nfe}}.json",
+        params:
+            args=P.args,
+        log:
+            f"{RUN}/logs/evaluate-nfe{{nfe}}.log",
+        shell:
+            "cmbench launch evaluate {params.args} --nfe {wildcards.nfe} > {log} 2>&1"
+
+    rule collect:
+        input:
+            P.metric_inputs,
+        output:
+            f"{RUN}/metrics/records.json",
+        params:
+            args=P.args,
+        log:
+            f"{RUN}/logs/collect.log",
+        shell:
+            "cmbench launch collect {params.args} > {log} 2>&1"
 
 
 rule report:
     input:
-        P.metric_files(),
+        P.record_files(),
     output:
         P.tables(),
     params:

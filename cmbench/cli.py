@@ -49,7 +49,8 @@ def cmd_evaluate(a):
 
 def cmd_launch(a):
     from cmbench.launch import launch
-    if a.stage != "train" and a.nfe is None:
+    from cmbench.launch import RUN_STAGES
+    if a.stage not in RUN_STAGES and a.nfe is None:
         sys.exit(f"cmbench: error: launch {a.stage} needs --nfe")
     launch(a.stage, _resolve(a), a.results, a.nfe, a.launcher)
 

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, model_validator
 
+from cmbench.grids import karras_sigmas
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -89,8 +91,9 @@ class Net(Strict):
 
 
 class Precond(Strict):
-    # cm: EDM scalings shifted so f(x, sigma_min) = x exactly (Song et al. 2023, App. C); edm: unshifted (Karras et al. 2022)
-    name: Literal["cm", "edm"] = "cm"
+    # cm: EDM scalings shifted so f(x, sigma_min) = x exactly (Song et al. 2023, App. C); edm: unshifted (Karras
+    # et al. 2022); trigflow: f(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t) with t = arctan(σ/σ_d) (Lu & Song 2024, §2)
+    name: Literal["cm", "edm", "trigflow"] = "cm"
     sigma_data: PosFloat = 0.5
     sigma_min: PosFloat = 0.002
     sigma_max: PosFloat = 80.0
@@ -121,12 +124,35 @@ class Train(Strict):
     init_from: Annotated[FilePath, Field(strict=False)] | None = None   # a checkpoint whose EMA weights start this run
 
 
+class Teacher(Strict):
+    """The denoiser a distillation loss follows: the exact one of toy data, or a trained run of this suite."""
+    source: Literal["analytic", "run"]
+    variant: str | None = None          # source 'run': the teacher's variant (same suite, dataset and seed)
+    init_student: bool = False          # start the student from the teacher's EMA weights (CD: papers.md §2.2)
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.source == "run":
+            if self.variant is None:
+                raise ValueError("teacher.source 'run' needs teacher.variant (e.g. edm)")
+            check_name("teacher variant", self.variant)
+        elif self.variant is not None or self.init_student:
+            raise ValueError("teacher.source 'analytic' takes neither teacher.variant nor teacher.init_student")
+        return self
+
+
 class Sample(Strict):
     n: PosInt = 10_000
     seed_start: Annotated[int, Field(ge=0)] = 0   # sample i uses seed seed_start + i: independent of batch size
     batch: PosInt = 10_000
-    # explicit sigma list per number of steps; step k > 1 re-noises by sqrt(sigma_k² − sigma_min²) (CM Alg. 1)
-    sigmas: dict[str, list[PosFloat]] = {"1": [80.0], "2": [80.0, 0.8]}
+    nfe: Annotated[list[PosInt], Field(min_length=1)] = [1, 2]   # evaluated numbers of function evaluations
+    # consistency: CM Alg. 1 on the σ list; heun: EDM Alg. 1 (deterministic) over the σ list plus a last step to 0
+    sampler: Literal["consistency", "heun"] = "consistency"
+    # re-noising before step k > 1: cm adds sqrt(σ_k² − σ_min²)·z (CM, iCT); plain adds σ_k·z (ECT; sCM's
+    # cos(t)x + sin(t)z in σ-space) — papers.md §9.8
+    renoise: Literal["cm", "plain"] = "cm"
+    # NFE → explicit descending σ list; "karras" (heun only) is the precond's Karras grid of (NFE + 1)/2 points
+    sigmas: dict[str, Union[list[PosFloat], Literal["karras"]]] = {"1": [80.0], "2": [80.0, 0.8]}
 
 
 class Evaluate(Strict):
@@ -141,6 +167,7 @@ class RunConfig(Strict):
     net: Net = Net()
     precond: Precond = Precond()
     loss: dict[str, Any]                # checked by cmbench.losses against the registered loss's own schema
+    teacher: Teacher | None = None
     optim: Optim = Optim()
     train: Train
     sample: Sample = Sample()
@@ -148,16 +175,31 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _sigma_lists(self):
-        p = self.precond
-        for nfe, sigmas in self.sample.sigmas.items():
-            if not nfe.isdigit() or int(nfe) != len(sigmas):
-                raise ValueError(f"sample.sigmas[{nfe!r}] must list exactly {nfe} sigmas, got {sigmas}")
+        p, heun = self.precond, self.sample.sampler == "heun"
+        for nfe in self.sample.nfe:
+            sigmas = self.sample.sigmas.get(str(nfe))
+            if sigmas is None:
+                raise ValueError(f"sample.nfe lists {nfe} but sample.sigmas has no list for it")
+            if sigmas == "karras":
+                if not heun or nfe % 2 == 0:
+                    raise ValueError(f"sample.sigmas[{nfe!r}] = 'karras' needs the heun sampler and an odd NFE")
+                continue
+            if (2 * len(sigmas) - 1 if heun else len(sigmas)) != nfe:
+                raise ValueError(f"sample.sigmas[{nfe!r}] has {len(sigmas)} sigmas, which is not NFE {nfe} "
+                                 f"with the {self.sample.sampler} sampler")
             if sigmas[0] > p.sigma_max or sigmas[-1] <= p.sigma_min or sorted(sigmas, reverse=True) != sigmas:
                 raise ValueError(f"sample.sigmas[{nfe!r}] = {sigmas} must descend within "
                                  f"(sigma_min {p.sigma_min}, sigma_max {p.sigma_max}]")
         if "name" not in self.loss or not isinstance(self.loss["name"], str):
             raise ValueError("loss.name is required (a registered loss)")
         return self
+
+    def sigma_list(self, nfe: int) -> list[float]:
+        """The explicit, descending σ list of the sampler at this NFE."""
+        sigmas, p = self.sample.sigmas[str(nfe)], self.precond
+        if sigmas == "karras":
+            return karras_sigmas((nfe + 1) // 2, p.sigma_min, p.sigma_max, p.rho)[::-1]
+        return list(sigmas)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -220,7 +262,10 @@ def format_validation_error(e: ValidationError, where: str) -> str:
     if err["type"] == "extra_forbidden":
         return f"{where}: unknown key '{loc}'"
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{where}: {loc or 'config'}: {err['msg']} (got {err.get('input')!r}){more}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error":     # a cross-field check: its message names the values
+        return f"{where}: {loc + ': ' if loc else ''}{msg}{more}"
+    return f"{where}: {loc}: {msg} (got {err.get('input')!r}){more}"
 
 
 class Experiment:
@@ -238,7 +283,7 @@ class Experiment:
         if name not in self.suites:
             raise ConfigError(f"{where}: no such suite (known: {', '.join(sorted(self.suites))})")
         s = self.suites[name]
-        allowed = {"variants", "datasets", "seeds", "nfe"}
+        allowed = {"variants", "datasets", "seeds"}
         if not isinstance(s, dict) or set(s) - allowed or not allowed <= set(s):
             raise ConfigError(f"{where}: must have exactly the keys {sorted(allowed)}")
         for key in ("variants", "datasets"):
@@ -246,9 +291,8 @@ class Experiment:
                 raise ConfigError(f"{where}: {key} must be a non-empty list")
             for n in s[key]:
                 check_name(key[:-1], n)
-        for key in ("seeds", "nfe"):
-            if not isinstance(s[key], list) or not s[key] or not all(isinstance(v, int) and v >= 0 for v in s[key]):
-                raise ConfigError(f"{where}: {key} must be a non-empty list of non-negative integers")
+        if not isinstance(s["seeds"], list) or not s["seeds"] or not all(isinstance(v, int) and v >= 0 for v in s["seeds"]):
+            raise ConfigError(f"{where}: seeds must be a non-empty list of non-negative integers")
         return s
 
     def _named(self, kind: str, name: str) -> dict:

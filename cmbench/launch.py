@@ -33,7 +33,24 @@ def _reference(cfg, rdir, results, nfe):
     build_reference(cfg, nfe, reference_path(cfg, nfe, results))
 
 
-STAGES = {"train": _train, "sample": _sample, "evaluate": _evaluate, "reference": _reference}
+def _collect(cfg, rdir, results, nfe):
+    from cmbench.metrics.evaluate import collect_records
+    collect_records(rdir)
+
+
+def _run(cfg, rdir, results, nfe):
+    """Every stage of a run in one process: on a laptop, starting Python and torch costs more than a toy run's
+    sampling and evaluation (DESIGN.md, cost notes)."""
+    _train(cfg, rdir, results, None)
+    for n in cfg.sample.nfe:
+        _sample(cfg, rdir, results, n)
+        _evaluate(cfg, rdir, results, n)
+    _collect(cfg, rdir, results, None)
+
+
+STAGES = {"train": _train, "sample": _sample, "evaluate": _evaluate, "reference": _reference,
+          "collect": _collect, "run": _run}
+RUN_STAGES = ("train", "collect", "run")       # the stages that act on a whole run, not one NFE
 
 
 def run_stage(stage: str, cfg_json: str, results: str, nfe: int | None) -> None:

@@ -16,5 +16,5 @@ def sample_seeds(cfg: RunConfig) -> np.ndarray:
 
 def initial_noise(cfg: RunConfig, nfe: int) -> np.ndarray:
     """x_T = σ_0·z for every sample seed, in float32 as the network sees it."""
-    sigma0 = cfg.sample.sigmas[str(nfe)][0]
+    sigma0 = cfg.sigma_list(nfe)[0]
     return (sigma0 * seed_noise(sample_seeds(cfg), (cfg.dataset.dim,), 0)).astype(np.float32)

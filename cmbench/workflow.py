@@ -6,7 +6,7 @@ from cmbench import paths
 from cmbench.config import ConfigError, Experiment, RunConfig, parse_overrides
 
 DEFAULT_SUITE = "toy"
-SNAKEMAKE_KEYS = {"suite", "set", "configs", "results", "launcher"}
+SNAKEMAKE_KEYS = {"suite", "set", "configs", "results", "launcher", "fuse"}
 
 
 def check_run(cfg: RunConfig) -> RunConfig:
@@ -20,12 +20,13 @@ def check_run(cfg: RunConfig) -> RunConfig:
 @dataclass
 class Plan:
     suite: str
-    runs: dict[str, RunConfig]       # run dir → resolved config
-    nfes: list[int]
+    runs: dict[str, RunConfig]       # run dir → resolved config, the suite's runs
+    teacher_runs: dict[str, RunConfig]   # teachers outside the suite: trained, not evaluated
     results: str
     configs: str
     overrides: list[str]
     launcher: str
+    fuse: bool          # one job per run (train, sample, evaluate); default with the inline launcher
 
     @classmethod
     def from_snakemake(cls, config: dict) -> "Plan":
@@ -39,29 +40,41 @@ class Plan:
         exp = Experiment(configs)
         s = exp.suite(suite)
         parsed = parse_overrides(overrides)
-        runs = {}
+        runs, teachers = {}, {}
         for dataset in s["datasets"]:
             for variant in s["variants"]:
                 for seed in s["seeds"]:
                     cfg = check_run(exp.resolve(suite, dataset, variant, seed, parsed))
-                    missing = [n for n in s["nfe"] if str(n) not in cfg.sample.sigmas]
-                    if missing:
-                        raise ConfigError(f"config {suite}/{dataset}/{variant}/s{seed}: suite asks for NFE "
-                                          f"{missing} but sample.sigmas has no list for it")
                     runs[str(paths.run_dir(results, cfg.run))] = cfg
+        for cfg in runs.values():     # a trained teacher is trained (not evaluated) even outside the suite
+            if cfg.teacher is not None and cfg.teacher.source == "run":
+                t = check_run(exp.resolve(suite, cfg.run.dataset, cfg.teacher.variant, cfg.run.seed, parsed))
+                if t.teacher is not None and t.teacher.source == "run":
+                    raise ConfigError(f"config {suite}/{cfg.run.dataset}/{t.run.variant}: a teacher run cannot "
+                                      f"itself distil a trained run")
+                teachers[str(paths.run_dir(results, t.run))] = t
         launcher = str(config.get("launcher", "inline"))
-        return cls(suite, runs, list(s["nfe"]), results, configs, overrides, launcher)
+        fuse = config.get("fuse", launcher == "inline")
+        if not isinstance(fuse, bool):
+            raise ConfigError(f"--config fuse must be True or False, got {fuse!r}")
+        return cls(suite, runs, {k: v for k, v in teachers.items() if k not in runs}, results, configs,
+                   overrides, launcher, fuse)
 
     # --- targets -------------------------------------------------------------------------------------
     def metric_files(self) -> list[str]:
-        return [str(paths.metrics_file(r, n)) for r in self.runs for n in self.nfes]
+        return [str(paths.metrics_file(r, n)) for r, cfg in self.runs.items() for n in cfg.sample.nfe]
+
+    def record_files(self) -> list[str]:
+        return [str(paths.records_file(r)) for r in self.runs]
 
     def targets(self) -> list[str]:
         """Every run's artifacts, not only the tables: Snakemake does not re-create a deleted intermediate
         whose consumers are up to date, so a deleted final.pt is re-made only if it is a target itself."""
         runs = [str(paths.final_weights(r)) for r in self.runs]
-        samples = [str(paths.samples_file(r, n)) for r in self.runs for n in self.nfes]
-        return runs + samples + self.metric_files() + self.tables()
+        if self.fuse:
+            return runs + self.record_files() + self.tables()
+        samples = [str(paths.samples_file(r, n)) for r, cfg in self.runs.items() for n in cfg.sample.nfe]
+        return runs + samples + self.metric_files() + self.record_files() + self.tables()
 
     def tables(self) -> list[str]:
         t = Path(self.results) / "tables"
@@ -70,7 +83,15 @@ class Plan:
 
     # --- per-job values (wildcards → run) ---------------------------------------------------------------
     def run(self, w) -> RunConfig:
-        return self.runs[str(Path(self.results) / "runs" / w.suite / w.dataset / w.variant / f"s{w.seed}")]
+        key = str(Path(self.results) / "runs" / w.suite / w.dataset / w.variant / f"s{w.seed}")
+        return self.runs[key] if key in self.runs else self.teacher_runs[key]
+
+    def teacher_weights(self, w) -> list[str]:
+        """The train rule's extra input: a trained teacher's final weights (teacher run → student runs)."""
+        cfg = self.run(w)
+        if cfg.teacher is None or cfg.teacher.source != "run":
+            return []
+        return [str(paths.final_weights(paths.sibling_run(paths.run_dir(self.results, cfg.run), cfg.teacher.variant)))]
 
     def args(self, w) -> str:
         """The run-identifying arguments of `cmbench launch`, as one shell-safe string."""
@@ -84,12 +105,22 @@ class Plan:
         from cmbench.metrics.evaluate import reference_path
         return str(reference_path(self.run(w), int(w.nfe), self.results))
 
+    def references(self, w) -> list[str]:
+        """The cached ground truth of every NFE of a run (the fused job's input)."""
+        from cmbench.metrics.evaluate import reference_path
+        cfg = self.run(w)
+        return sorted({str(reference_path(cfg, n, self.results)) for n in cfg.sample.nfe})
+
+    def metric_inputs(self, w) -> list[str]:
+        cfg, rdir = self.run(w), paths.run_dir(self.results, self.run(w).run)
+        return [str(paths.metrics_file(rdir, n)) for n in cfg.sample.nfe]
+
     def reference_sources(self) -> dict[str, tuple[RunConfig, int]]:
         """Cached ground-truth file → a (run, NFE) that defines it (runs sharing a key share the file)."""
         from cmbench.metrics.evaluate import reference_path
         out = {}
         for cfg in self.runs.values():
-            for n in self.nfes:
+            for n in cfg.sample.nfe:
                 out.setdefault(str(reference_path(cfg, n, self.results)), (cfg, n))
         return out
 

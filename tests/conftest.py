@@ -19,3 +19,23 @@ def edit_yaml(path: Path, update: dict) -> None:
     data = yaml.safe_load(path.read_text()) if path.exists() else {}
     data.update(update)
     path.write_text(yaml.safe_dump(data))
+
+
+def map_error(cfg, rdir) -> dict:
+    """Error of a finished run's EMA consistency map against the exact f* of its 1-D law."""
+    import torch
+
+    from cmbench import paths
+    from cmbench.data.toy import make_toy
+    from cmbench.metrics.toy import consistency_map_error
+    from cmbench.nets import build_model
+    from cmbench.train import checkpoint
+
+    model = build_model(cfg)
+    model.load_state_dict(checkpoint.load(paths.final_weights(rdir))["ema"])
+
+    def f(x, sigma):
+        with torch.no_grad():
+            return model(torch.tensor(x, dtype=torch.float32), torch.tensor(sigma, dtype=torch.float32)).double().numpy()
+
+    return consistency_map_error(f, make_toy(cfg.dataset.model_dump()), cfg.precond.sigma_min, cfg.precond.sigma_max)

@@ -6,20 +6,15 @@ noise floor of ~0.0056 at n = 10k. An independent implementation on this machine
 and max 0.06–0.11 (shared/reference/calibration.md), so these bounds catch a regression, not seed noise."""
 import json
 
-import numpy as np
 import pytest
-import torch
 
 from cmbench import paths
 from cmbench.config import Experiment
-from cmbench.data.toy import make_toy
-from cmbench.losses.pieces import karras_sigmas
 from cmbench.metrics.evaluate import W2, evaluate_run
-from cmbench.nets import build_model
 from cmbench.sample import sample_run
-from cmbench.train import checkpoint, loop
+from cmbench.train import loop
 from cmbench.workflow import check_run
-from conftest import REPO
+from conftest import REPO, map_error
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +29,10 @@ def trained(tmp_path_factory):
 
 def test_learned_map_is_close_to_exact(trained):
     cfg, rdir, _ = trained
-    model = build_model(cfg)
-    model.load_state_dict(checkpoint.load(paths.final_weights(rdir))["ema"])
-    dist = make_toy(cfg.dataset.model_dump())
-    # σ over the whole Karras range; x within ±2.5 std of the noised marginal p_σ = N(μ, s² + σ²) at each σ
-    sigmas = karras_sigmas(40, 0.002, 80.0).numpy()
-    k = np.linspace(-2.5, 2.5, 41)
-    sig = np.repeat(sigmas, len(k))
-    x = 0.3 + np.tile(k, len(sigmas)) * np.sqrt(0.25 + sig**2)
-    with torch.no_grad():
-        f = model(torch.tensor(x[:, None], dtype=torch.float32), torch.tensor(sig, dtype=torch.float32)).numpy()[:, 0]
-    err = np.abs(f - dist.consistency_map(x[:, None], sig, 0.002)[:, 0])
-    assert err.mean() < 0.02, err.mean()
-    assert err[sig <= 1].max() < 0.05, err[sig <= 1].max()
-    assert err.max() < 0.3, err.max()
+    err = map_error(cfg, rdir)
+    assert err["mean"] < 0.02, err
+    assert err["max_sigma_le_1"] < 0.05, err
+    assert err["max"] < 0.3, err
 
 
 def test_one_step_w2_near_noise_floor(trained):

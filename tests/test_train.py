@@ -100,7 +100,7 @@ class Poisoned:
 @pytest.mark.parametrize("where,quantity", [("loss", "non-finite loss"), ("grad", "non-finite gradient norm")])
 def test_non_finite_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, where, quantity):
     build = loop.losses.build
-    monkeypatch.setattr(loop.losses, "build", lambda cfg: Poisoned(build(cfg), 450, where))
+    monkeypatch.setattr(loop.losses, "build", lambda cfg, teacher=None: Poisoned(build(cfg, teacher), 450, where))
     cfg = config("ict")
     rdir = paths.run_dir(tmp_path, cfg.run)
     with pytest.raises(TrainingDiverged) as e:

@@ -24,19 +24,25 @@ def register(name: str):
     return deco
 
 
-def build(cfg: RunConfig):
-    """The loss object for a run; a ConfigError (one line) for an unknown name or bad parameters."""
-    name = cfg.loss["name"]
+def build(cfg: RunConfig, teacher=None):
+    """The loss object for a run; a ConfigError (one line) for an unknown name, bad parameters or a loss that
+    cannot work with the rest of the config. `teacher` may be None when only checking."""
+    name, where = cfg.loss["name"], f"config {cfg.run.variant}: loss"
     if name not in LOSSES:
-        raise ConfigError(f"config {cfg.run.variant}: loss.name {name!r} is not a registered loss "
-                          f"(known: {', '.join(sorted(LOSSES))})")
+        raise ConfigError(f"{where}.name {name!r} is not a registered loss (known: {', '.join(sorted(LOSSES))})")
     cls = LOSSES[name]
     try:
         params = cls.Params.model_validate(cfg.loss)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, f"config {cfg.run.variant}: loss")) from None
-    return cls(params, cfg)
+        raise ConfigError(format_validation_error(e, where)) from None
+    if cls.needs_teacher and cfg.teacher is None:
+        raise ConfigError(f"{where} {name!r} distils a teacher: set teacher.source (analytic or run)")
+    try:
+        cls.check(params, cfg)
+    except ValueError as e:
+        raise ConfigError(f"{where} {name!r}: {e}") from None
+    return cls(params, cfg, teacher)
 
 
-for _module in ("ct", "ict"):
+for _module in ("ct", "ict", "cd", "edm", "ect", "scm"):
     importlib.import_module(f"cmbench.losses.{_module}")

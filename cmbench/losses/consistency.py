@@ -1,5 +1,5 @@
 """The discrete-time consistency loss shared by CT and iCT (and, later, CD-style targets)."""
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import Literal
 
 import torch
@@ -7,6 +7,7 @@ from pydantic import Field
 
 from cmbench.config import RunConfig, Strict
 from cmbench.losses import pieces
+from cmbench.losses.base import Loss
 
 
 class DiscreteParams(Strict):
@@ -15,13 +16,14 @@ class DiscreteParams(Strict):
     weighting: Literal["uniform", "inv_delta"]
 
 
-class DiscreteConsistencyLoss(ABC):
-    """λ(σ_i, σ_{i+1}) · d( f_θ(x + σ_{i+1} z, σ_{i+1}), stopgrad f_θ⁻(x + σ_i z, σ_i) ), same z for both points
-    (consistency training: Song et al. 2023, Alg. 3 and Thm. 2). Subclasses choose N(k), the pairing p(i) and μ(k).
-    Returns the unreduced per-sample loss; the training loop reduces it."""
+class DiscreteConsistencyLoss(Loss):
+    """λ(σ_i, σ_{i+1}) · d( f_θ(x + σ_{i+1} z, σ_{i+1}), target ) on a Karras grid. The target is, by default,
+    stopgrad f_θ⁻(x + σ_i z, σ_i) with the same z (consistency training: Song et al. 2023, Alg. 3, Thm. 2);
+    distillation replaces it (`target`). Subclasses choose N(k), the pairing p(i), μ(k) and the target."""
 
-    def __init__(self, params: DiscreteParams, cfg: RunConfig):
-        self.params, self.total_steps = params, cfg.train.steps
+    def __init__(self, params: DiscreteParams, cfg: RunConfig, teacher=None):
+        super().__init__(params, cfg, teacher)
+        self.total_steps = cfg.train.steps
         p = cfg.precond
         self.sigma_min, self.sigma_max, self.rho = p.sigma_min, p.sigma_max, p.rho
         self.weight = pieces.WEIGHTINGS[params.weighting]
@@ -37,9 +39,9 @@ class DiscreteConsistencyLoss(ABC):
     def pair_probs(self, sigmas: torch.Tensor) -> torch.Tensor:
         """p(i) over the N − 1 adjacent pairs of the grid."""
 
-    def target_ema(self, step: int) -> float | None:
-        """μ(k) for the target network θ⁻; None means θ⁻ = stopgrad(θ) (no target network is kept)."""
-        return None
+    def target(self, target, x0, z, x_hi, sig_lo, sig_hi, i, sigmas) -> torch.Tensor:
+        """CT: the target network at the same noise z, one grid point down (Song et al. 2023, Alg. 3)."""
+        return target(x0 + sig_lo.reshape(-1, *[1] * (x0.ndim - 1)) * z, sig_lo)
 
     def stats(self, step: int) -> dict:
         out = {"N": self.discretization(step)}
@@ -53,8 +55,8 @@ class DiscreteConsistencyLoss(ABC):
         i = torch.multinomial(self.pair_probs(sigmas), x0.shape[0], replacement=True, generator=generator)
         sig_lo, sig_hi = (s.to(x0.device, x0.dtype) for s in (sigmas[i], sigmas[i + 1]))
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        bshape = (-1,) + (1,) * (x0.ndim - 1)
-        pred = model(x0 + sig_hi.reshape(bshape) * z, sig_hi)
+        x_hi = x0 + sig_hi.reshape(-1, *[1] * (x0.ndim - 1)) * z
+        pred = model(x_hi, sig_hi)
         with torch.no_grad():
-            tgt = target(x0 + sig_lo.reshape(bshape) * z, sig_lo)
+            tgt = self.target(target, x0, z, x_hi, sig_lo, sig_hi, i, sigmas)
         return self.weight(sig_lo, sig_hi) * self.distance(pred, tgt)

@@ -4,14 +4,12 @@ import math
 
 import torch
 
+from cmbench import grids
+
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. 2022 Eq. 5 grid, ascending σ_1 = σ_min < ... < σ_n = σ_max (CM paper §4 convention), float64."""
-    i = torch.arange(n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sig = (lo + i / (n - 1) * (hi - lo)) ** rho
-    sig[0], sig[-1] = sigma_min, sigma_max    # exact endpoints, not pow round-off
-    return sig
+    """The Karras grid (cmbench.grids) as an ascending float64 tensor."""
+    return torch.tensor(grids.karras_sigmas(n, sigma_min, sigma_max, rho), dtype=torch.float64)
 
 
 # --- discretisation curricula N(k) and target EMA μ(k) ------------------------------------------------

@@ -30,7 +30,7 @@ BACKEND = "cmbench-toy"
 def reference_key(cfg: RunConfig, nfe: int) -> str:
     """Everything the cached ground truth depends on, hashed."""
     return config_hash({"dataset": cfg.dataset.model_dump(mode="json"), "sigma_min": cfg.precond.sigma_min,
-                        "sigma_start": cfg.sample.sigmas[str(nfe)][0], "seed_start": cfg.sample.seed_start,
+                        "sigma_start": cfg.sigma_list(nfe)[0], "seed_start": cfg.sample.seed_start,
                         "n": cfg.sample.n, "evaluate": cfg.evaluate.model_dump(mode="json")})
 
 
@@ -53,7 +53,7 @@ def distribution_metrics(x: np.ndarray, dist, fresh: np.ndarray, cfg: RunConfig)
 def build_reference(cfg: RunConfig, nfe: int, out: Path) -> Path:
     dist = make_toy(cfg.dataset.model_dump())
     x_t = initial_noise(cfg, nfe)
-    exact = dist.consistency_map(x_t.astype(np.float64), cfg.sample.sigmas[str(nfe)][0], cfg.precond.sigma_min)
+    exact = dist.consistency_map(x_t.astype(np.float64), cfg.sigma_list(nfe)[0], cfg.precond.sigma_min)
     fresh = dist.sample(cfg.evaluate.ref_n, np.random.default_rng([cfg.sample.seed_start, 1]))
     # "ideal": what a perfect sampler scores at this n, averaged over independent draws of n true samples
     draws = [distribution_metrics(dist.sample(cfg.sample.n, np.random.default_rng([r, 2])), dist, fresh, cfg)
@@ -62,6 +62,17 @@ def build_reference(cfg: RunConfig, nfe: int, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npz")
     np.savez(tmp, x_t=x_t, exact=exact, fresh=fresh, ideal=json.dumps(ideal), key=reference_key(cfg, nfe))
+    os.replace(tmp, out)
+    return out
+
+
+def collect_records(rdir: Path) -> Path:
+    """One file with the records of every NFE of a run (written atomically)."""
+    cfg = load_run_config(rdir)
+    records = [r for n in cfg.sample.nfe for r in json.loads(paths.metrics_file(rdir, n).read_text())]
+    out = paths.records_file(rdir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(records, indent=1))
     os.replace(tmp, out)
     return out
 
@@ -88,7 +99,7 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path) -> Path:
     wall = time.perf_counter() - t0
     base = {**cfg.run.model_dump(), "config_hash": cfg.hash, "checkpoint_sha256": meta["checkpoint_sha256"],
             "weights": meta["weights"], "nfe": nfe, "sigmas": meta["sigmas"], "sigma_min": meta["sigma_min"],
-            "renoise": meta["renoise"], "sample_seed_start": int(smp["seeds"][0]), "n_gen": int(len(x)),
+            "sampler": meta["sampler"], "renoise": meta["renoise"], "sample_seed_start": int(smp["seeds"][0]), "n_gen": int(len(x)),
             "n_ref": int(len(ref["fresh"])), "backend": BACKEND, "backend_version": version("cmbench"),
             "mode": "exact ground truth", "feature_extractor": "none (data space)",
             "reference": str(ref["key"]), "wall_time_s": round(wall, 3)}

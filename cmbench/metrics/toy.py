@@ -3,6 +3,8 @@
 import numpy as np
 from scipy.stats import chi2
 
+from cmbench.grids import karras_sigmas
+
 
 def _as_2d(x) -> np.ndarray:
     """Samples as float64 [n, d]; a flat array is read as n one-dimensional samples."""
@@ -85,3 +87,15 @@ def near_mode(samples, means, stds, weights) -> tuple[float, np.ndarray]:
 def ode_error(samples, exact) -> float:
     """Mean over samples of ||samples - exact||^2 (Direct-CM-style ODE-solving error)."""
     return float(((_as_2d(samples) - _as_2d(exact)) ** 2).sum(axis=1).mean())
+
+
+def consistency_map_error(f, dist, sigma_min: float, sigma_max: float, n_sigma: int = 40, n_x: int = 41,
+                          width: float = 2.5) -> dict[str, float]:
+    """|f(x, σ) − f*(x, σ)| for a 1-D law over a Karras σ grid on [σ_min, σ_max] and x within ±width std of the
+    noised marginal at each σ. `f(x [n, 1], sigma [n]) -> [n, 1]` is the model as a numpy function."""
+    sigmas = np.array(karras_sigmas(n_sigma, sigma_min, sigma_max))
+    k = np.linspace(-width, width, n_x)
+    sig = np.repeat(sigmas, n_x)
+    x = (dist.mean[0] + np.tile(k, n_sigma) * np.sqrt(dist.cov[0, 0] + sig**2))[:, None]
+    err = np.abs(f(x, sig) - dist.consistency_map(x, sig, sigma_min))[:, 0]
+    return {"mean": float(err.mean()), "max": float(err.max()), "max_sigma_le_1": float(err[sig <= 1].max())}

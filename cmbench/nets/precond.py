@@ -28,3 +28,26 @@ class Precond(nn.Module):
         sigma = sigma.to(x.dtype).reshape(-1).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = (c.reshape(-1, *[1] * (x.ndim - 1)) for c in self.scalings(sigma))
         return c_skip * x + c_out * self.net(c_in * x, c_noise.reshape(-1))
+
+
+class TrigFlow(nn.Module):
+    """The sCM consistency model in TrigFlow time (Lu & Song 2024, §2; papers.md §5.1)."""
+
+    def __init__(self, net: nn.Module, sigma_data: float):
+        super().__init__()
+        self.net, self.sigma_data = net, sigma_data
+
+    def raw(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """F_θ(x_t/σ_d, c_noise(t)) with c_noise(t) = t: EDM's ln σ would blow up its derivative near π/2."""
+        return self.net(x_t / self.sigma_data, t)
+
+    def consistency(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """f(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, t): one first-order step to t = 0, so f(x, 0) = x."""
+        cos, sin = (v.reshape(-1, *[1] * (x_t.ndim - 1)) for v in (t.cos(), t.sin()))
+        return cos * x_t - sin * self.sigma_data * self.raw(x_t, t)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The same model in EDM σ-space (sCM App. B.2: t = arctan(σ/σ_d), x_t = cos t·x_σ), so samplers and
+        evaluation written for σ-space use it unchanged; the output is a clean-data estimate in either space."""
+        t = torch.atan(sigma.to(x.dtype).reshape(-1).expand(x.shape[0]) / self.sigma_data)
+        return self.consistency(t.cos().reshape(-1, *[1] * (x.ndim - 1)) * x, t)

@@ -15,6 +15,7 @@ from cmbench.config import ConfigError, RunConfig
 from cmbench.data.toy import make_toy
 from cmbench.errors import TrainingDiverged
 from cmbench.nets import build_model
+from cmbench.teacher import build_teacher
 from cmbench.train import checkpoint
 
 
@@ -70,16 +71,20 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
     write_run_config(cfg, rdir)
     t = cfg.train
     torch.set_num_threads(t.threads)
-    loss_fn = losses.build(cfg)
+    teacher = build_teacher(cfg, rdir)
     data = make_toy(cfg.dataset.model_dump())
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg)
+    loss_fn = losses.build(cfg, teacher)
     if t.init_from is not None:
         model.load_state_dict(checkpoint.load(t.init_from)["ema"])
+    elif cfg.teacher is not None and cfg.teacher.init_student:
+        model.load_state_dict(teacher.state)     # same network, other preconditioning (CM code copies it so)
     ema = copy.deepcopy(model).requires_grad_(False)
     target = copy.deepcopy(model).requires_grad_(False) if loss_fn.target_ema(0) is not None else None
-    opt = build_optimizer(cfg, model.parameters())
+    params = list(model.parameters()) + (list(loss_fn.module.parameters()) if loss_fn.module is not None else [])
+    opt = build_optimizer(cfg, params)
     generator = torch.Generator().manual_seed(cfg.run.seed)   # the data and noise stream: its state is the cursor
 
     ckdir = rdir / "checkpoints"
@@ -93,6 +98,8 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
         ema.load_state_dict(state["ema"])
         if target is not None:
             target.load_state_dict(state["target"])
+        if loss_fn.module is not None:
+            loss_fn.module.load_state_dict(state["loss_module"])
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state, generator)
         start = state["step"]
@@ -105,6 +112,8 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
               "optimizer": opt.state_dict(), **rng_state(generator)}
         if target is not None:
             ck["target"] = target.state_dict()
+        if loss_fn.module is not None:
+            ck["loss_module"] = loss_fn.module.state_dict()
         out = checkpoint.ckpt_path(ckdir, step)
         checkpoint.save_atomic(ck, out)
         checkpoint.prune(ckdir, t.keep_checkpoints)
@@ -115,7 +124,6 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
         return TrainingDiverged(f"{cfg.run.variant} ({rdir}): step {step}: non-finite {what} ({value.item()}); "
                                 f"last good checkpoint: {good[-1] if good else 'none'}")
 
-    params = list(model.parameters())
     loss_sum, n_acc, tick = 0.0, 0, time.perf_counter()
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=None if progress else True,
                desc=f"{cfg.run.variant}/{cfg.run.dataset}/s{cfg.run.seed}", mininterval=2, leave=False)
@@ -132,11 +140,11 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
                 raise diverged(step, "gradient norm", grad_norm)
             opt.step()
             with torch.no_grad():
-                for e, p in zip(ema.parameters(), params):
+                for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p, 1 - t.ema_decay)
                 if target is not None:
                     mu = loss_fn.target_ema(step)
-                    for e, p in zip(target.parameters(), params):
+                    for e, p in zip(target.parameters(), model.parameters()):
                         e.lerp_(p, 1 - mu)
             loss_sum, n_acc = loss_sum + loss.item(), n_acc + 1
             done = step + 1

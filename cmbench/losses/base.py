@@ -1,0 +1,30 @@
+"""What every registered loss provides (NVlabs/edm style: the loss returns per-sample values, the loop reduces)."""
+from abc import ABC, abstractmethod
+
+import torch
+
+from cmbench.config import RunConfig, Strict
+
+
+class Loss(ABC):
+    Params: type[Strict]
+    needs_teacher = False
+
+    def __init__(self, params: Strict, cfg: RunConfig, teacher=None):
+        self.params, self.cfg, self.teacher = params, cfg, teacher
+        self.module: torch.nn.Module | None = None   # learned parts of the loss, optimised with the model
+
+    @classmethod
+    def check(cls, params: Strict, cfg: RunConfig) -> None:
+        """Raise ValueError for a combination of loss and config that cannot work."""
+
+    @abstractmethod
+    def __call__(self, model, target, x0: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+        """Unreduced per-sample loss [B]. `target` is the target network, or the model itself (θ⁻ = stopgrad θ)."""
+
+    def target_ema(self, step: int) -> float | None:
+        """μ(k) for a separate target network θ⁻; None: θ⁻ = stopgrad(θ), no target network is kept."""
+        return None
+
+    def stats(self, step: int) -> dict:
+        return {}

@@ -1,0 +1,67 @@
+"""Easy Consistency Tuning (Geng et al. 2024, "Consistency Models Made Easy"; papers.md §4.2).
+
+Continuous t with a stage-wise shrinking gap t − r: at stage 0 much of the range has r = 0 (a denoising
+target, i.e. the diffusion model it starts from); each stage moves r towards t."""
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from cmbench.config import Strict
+from cmbench.losses import pieces, register
+from cmbench.losses.base import Loss
+
+
+class ECTParams(Strict):
+    name: Literal["ect"]
+    p_mean: float = -1.1                                # t ~ lognormal (CIFAR-10; ImageNet-64 −0.8 / 1.6)
+    p_std: float = Field(default=2.0, gt=0)
+    q: float = Field(default=2.0, gt=1)                 # gap shrink factor per stage (CIFAR-10 2, ImageNet-64 4)
+    k: float = Field(default=8.0, ge=0)
+    b: float = Field(default=1.0, ge=0)
+    mapping: Literal["sigmoid", "constant"] = "sigmoid"
+    double_every: int = Field(default=25_000, gt=0)     # steps per stage (CIFAR-10: 3.2 Mimg at batch 128)
+    huber_c: float = Field(default=0.0, ge=0)           # sqrt(Δ + c²) − c; 0 (CIFAR-10) is sqrt(Δ), 0.06 ImageNet-64
+    weighting: Literal["inv_delta", "snr"] = "inv_delta"  # 1/(t − r) (CIFAR-10) or 1/t² + 1/σ_d² (ImageNet-64)
+
+
+@register("ect")
+class ECT(Loss):
+    """d(f_θ(x0 + t·z, t), stopgrad f_θ(x0 + r·z, r))·w(t, r), same z; the target is x0 itself where r = 0."""
+    Params = ECTParams
+
+    @classmethod
+    def check(cls, params, cfg):
+        if cfg.precond.name != "edm":
+            raise ValueError("ECT trains with EDM's unshifted scalings (papers.md §4.2): needs precond 'edm'")
+
+    def stage(self, step: int) -> int:
+        return step // self.params.double_every
+
+    def r_of_t(self, t: torch.Tensor, step: int) -> torch.Tensor:
+        """r = t·(1 − q^−(a+1)·(1 + k·sigmoid(−b·t))), clipped at 0 (ECT training/loss.py); `constant` drops the
+        sigmoid term."""
+        p = self.params
+        shrink = p.q ** -(self.stage(step) + 1)
+        if p.mapping == "sigmoid":
+            shrink = shrink * (1 + p.k * torch.sigmoid(-p.b * t))
+        return (t * (1 - shrink)).clamp(min=0)
+
+    def stats(self, step):
+        return {"stage": self.stage(step)}
+
+    def __call__(self, model, target, x0, step, generator):
+        p, sd = self.params, self.cfg.precond.sigma_data
+        n = torch.randn(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
+        t = (p.p_mean + p.p_std * n).exp()
+        r = self.r_of_t(t, step)
+        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        col = (-1,) + (1,) * (x0.ndim - 1)
+        pred = model(x0 + t.reshape(col) * z, t)
+        with torch.no_grad():
+            denoise = r > 0
+            tgt = x0.clone()
+            if bool(denoise.any()):   # f(x, 0) = x: skip the network where r = 0 (its c_noise = ¼ ln 0)
+                tgt[denoise] = target(x0[denoise] + r[denoise].reshape(col) * z[denoise], r[denoise])
+        weight = pieces.inv_delta_weight(r, t) if p.weighting == "inv_delta" else 1 / t**2 + 1 / sd**2
+        return weight * pieces.pseudo_huber(pred, tgt, p.huber_c)

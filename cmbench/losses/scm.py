@@ -1,0 +1,151 @@
+"""Continuous-time consistency models sCT and sCD (Lu & Song 2024, "Simplifying, Stabilizing & Scaling
+Continuous-Time Consistency Models", arXiv 2410.11081; papers.md §5).
+
+Both train the TrigFlow model f(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, t) with the tangent of f along the
+PF ODE as target (Eq. 8, Alg. 1); they differ only in dx_t/dt: sCT uses the unbiased single-sample velocity
+of the same (x0, z), sCD the teacher's PF-ODE velocity."""
+from abc import abstractmethod
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from cmbench.config import RunConfig, Strict
+from cmbench.losses import register
+from cmbench.losses.base import Loss
+from cmbench.nets.mlp import NoiseEmbedding
+
+
+def trig(t: torch.Tensor, ndim: int):
+    """cos t and sin t of per-sample times [B], shaped to broadcast against [B, ...] data of ndim dims."""
+    shape = (-1, *[1] * (ndim - 1))
+    return t.cos().reshape(shape), t.sin().reshape(shape)
+
+
+class SCMParams(Strict):
+    p_mean: float = -1.0                          # τ ~ N(P_mean, P_std²), σ = e^τ (CIFAR-10: papers.md §5.4)
+    p_std: float = Field(default=1.4, gt=0)
+    warmup: int = Field(default=10_000, ge=0)     # H of the tangent warm-up r = min(1, k/H); 0: none (Alg. 1)
+    tangent_c: float = Field(default=0.1, gt=0)   # g ← g/(‖g‖ + c) (Alg. 1; papers.md §5.3)
+    adaptive_weighting: bool = True               # learned w_φ(t) (Alg. 1; papers.md §5.3); false: w ≡ 0
+
+
+class AdaptiveWeight(nn.Module):
+    """w_φ(t): sin/cos features of t and one linear layer (EDM2-style uncertainty weighting; papers.md §5.3).
+    Zero-initialised so that training starts from the unweighted loss."""
+
+    def __init__(self, features: int, max_freq: float):
+        super().__init__()
+        self.embed = NoiseEmbedding(features, max_freq)
+        self.linear = nn.Linear(features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.embed(t)).squeeze(1)
+
+
+def teacher_velocity(denoise, x_t: torch.Tensor, t: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """dx_t/dt of the PF ODE from an EDM σ-space denoiser D (sCM App. B.2 change of variables).
+
+    x_t = cos t·x_σ with σ = σ_d tan t, and dx_σ/dσ = (x_σ − D)/σ, dσ/dt = σ_d/cos²t, so
+    dx_t/dt = −sin t·x_σ + cos t·(x_σ − D)/σ·σ_d/cos²t = −sin t·x_σ + (x_σ − D)/sin t."""
+    cos, sin = trig(t, x_t.ndim)
+    x_sigma = x_t / cos
+    return -sin * x_sigma + (x_sigma - denoise(x_sigma, sigma_data * t.tan())) / sin
+
+
+def tangent_jvp(target, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor):
+    """(F⁻, cos t·sin t·σ_d·dF⁻/dt) from one forward-mode JVP of F_θ⁻ along the PF ODE (Alg. 1).
+
+    Alg. 1 differentiates (u, t) ↦ F(u, t) at u = x_t/σ_d with tangent (cos t sin t·dx_t/dt, cos t sin t·σ_d);
+    `raw` takes x_t itself, so its x-tangent carries the extra σ_d. Scaling the tangent by cos t sin t
+    instead of the result keeps it bounded near t = 0 and π/2 (no FP16 overflow)."""
+    cos, sin = trig(t, x_t.ndim)
+    cs = cos * sin * target.sigma_data
+    return torch.func.jvp(target.raw, (x_t, t), (cs * dxt_dt, cs.reshape(-1)))
+
+
+class SCMLoss(Loss):
+    """Shared by sCT and sCD; a subclass supplies dx_t/dt."""
+
+    def __init__(self, params: SCMParams, cfg: RunConfig, teacher=None):
+        super().__init__(params, cfg, teacher)
+        self.sigma_data = cfg.precond.sigma_data
+        if params.adaptive_weighting:
+            self.module = AdaptiveWeight(cfg.net.emb_features, cfg.net.emb_max_freq)
+
+    @classmethod
+    def check(cls, params, cfg):
+        if cfg.precond.name != "trigflow":
+            raise ValueError(f"trains the TrigFlow model: needs precond 'trigflow', not {cfg.precond.name!r}")
+        if cfg.teacher is not None and cfg.teacher.init_student:
+            # an EDM teacher's F predicts another quantity from other inputs (c_in, c_noise): not a TrigFlow start
+            raise ValueError("cannot start a TrigFlow student from an EDM-preconditioned teacher (init_student)")
+
+    @abstractmethod
+    def velocity(self, x0: torch.Tensor, z: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """dx_t/dt at (x_t, t)."""
+
+    def tangent_warmup(self, step: int) -> float:
+        """r = min(1, k/H) (Alg. 1): the x_t + σ_d·dF/dt half of the tangent is faded in."""
+        return min(1.0, step / self.params.warmup) if self.params.warmup else 1.0
+
+    def stats(self, step):
+        return {"tangent_warmup": self.tangent_warmup(step)}
+
+    def __call__(self, model, target, x0, step, generator):
+        # t = arctan(e^τ/σ_d), τ ~ N(P_mean, P_std²): EDM's lognormal σ in TrigFlow time (papers.md §5.3)
+        tau = self.params.p_mean + self.params.p_std * torch.randn(
+            x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
+        t = torch.atan(tau.exp() / self.sigma_data)
+        z = self.sigma_data * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return self.loss_at(model, target, x0, z, t, step)
+
+    def loss_at(self, model, target, x0, z, t, step):
+        """The per-sample loss at given t [B] and z ~ N(0, σ_d² I)."""
+        cos, sin = trig(t, x0.ndim)
+        x_t = cos * x0 + sin * z
+        r = self.tangent_warmup(step)
+        with torch.no_grad():
+            dxt_dt = self.velocity(x0, z, x_t, t)
+            f_minus, jvp = tangent_jvp(target, x_t, t, dxt_dt)
+            # Alg. 1: g = cos t·df⁻/dt with the warm-up r on the second term, where sCM Eq. 8's
+            # df⁻/dt = −cos t·(σ_d F⁻ − dx_t/dt) − sin t·(x_t + σ_d dF⁻/dt)
+            g = -cos**2 * (self.sigma_data * f_minus - dxt_dt) - r * (cos * sin * x_t + jvp)
+            # tangent normalisation g/(‖g‖ + c) (Alg. 1), the norm over all data dimensions of a sample
+            g = g / (g.flatten(1).norm(dim=1).reshape(cos.shape) + self.params.tangent_c)
+        # Alg. 1 loss: (e^w/D)·‖F_θ − F⁻ − g‖² − w; its θ-gradient at θ = θ⁻ is −(2e^w/D)·g·∂F_θ/∂θ (Eq. 8)
+        w = self.module(t) if self.module is not None else torch.zeros_like(t)
+        sq = (model.raw(x_t, t) - f_minus - g).flatten(1).square().sum(dim=1)
+        return w.exp() / x0[0].numel() * sq - w
+
+
+class SCTParams(SCMParams):
+    name: Literal["sct"]
+
+
+@register("sct")
+class SCT(SCMLoss):
+    """sCT: the target tangent from the same (x0, z) as x_t — an unbiased estimate of the PF-ODE velocity.
+    A teacher, if configured, can only initialise the student."""
+    Params = SCTParams
+
+    def velocity(self, x0, z, x_t, t):
+        cos, sin = trig(t, x0.ndim)
+        return cos * z - sin * x0
+
+
+class SCDParams(SCMParams):
+    name: Literal["scd"]
+
+
+@register("scd")
+class SCD(SCMLoss):
+    """sCD: the teacher's PF-ODE velocity at x_t (papers.md §5.3), from its EDM σ-space denoiser."""
+    Params = SCDParams
+    needs_teacher = True
+
+    def velocity(self, x0, z, x_t, t):
+        return teacher_velocity(self.teacher.denoise, x_t, t, self.sigma_data)

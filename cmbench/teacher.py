@@ -1,0 +1,49 @@
+"""Teachers for distillation: a denoiser D(x, σ) in EDM σ-space, frozen.
+
+`analytic` is the exact denoiser of toy data (a perfect teacher: distillation error without teacher error);
+`run` is the sampling EMA of a trained run of this suite (the `edm` variant), loaded from its final.pt."""
+from pathlib import Path
+
+import torch
+
+from cmbench import paths
+from cmbench.config import RunConfig, load_run_config
+from cmbench.data.toy import make_toy
+from cmbench.nets import build_model
+from cmbench.train import checkpoint
+
+
+class AnalyticTeacher:
+    """E[x0 | x_σ = x] of the toy law, computed in float64 (papers.md §8)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.dist = make_toy(cfg.dataset.model_dump())
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        d = self.dist.denoiser(x.detach().double().cpu().numpy(), sigma.detach().double().cpu().numpy())
+        return torch.from_numpy(d).to(x.device, x.dtype)
+
+
+class NetworkTeacher:
+    """A trained run's EMA network under its own preconditioning; evaluated without gradients."""
+
+    def __init__(self, rdir: Path):
+        self.cfg = load_run_config(rdir)
+        self.state = checkpoint.load(paths.final_weights(rdir))["ema"]
+        self.model = build_model(self.cfg).requires_grad_(False).eval()
+        self.model.load_state_dict(self.state)
+
+    @torch.no_grad()
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.model(x, sigma)
+
+
+def build_teacher(cfg: RunConfig, rdir: Path):
+    if cfg.teacher is None:
+        return None
+    if cfg.teacher.source == "analytic":
+        return AnalyticTeacher(cfg)
+    tdir = paths.sibling_run(rdir, cfg.teacher.variant)
+    if not paths.final_weights(tdir).exists():
+        raise FileNotFoundError(f"teacher run {tdir} has no final.pt: train the '{cfg.teacher.variant}' run first")
+    return NetworkTeacher(tdir)
