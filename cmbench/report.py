@@ -21,14 +21,16 @@ def _mean_sd(v: pd.Series) -> str:
 
 def summary_markdown(df: pd.DataFrame, suite: str) -> str:
     """One table per dataset: rows are variants, columns metric × NFE, cells mean ± sd over seeds; the
-    'ideal' row is what a perfect model scores at the same sample count (sampling-noise floor)."""
+    'ideal' row is what a perfect model scores at the same sample count (sampling-noise floor; n/a where
+    no such value exists, e.g. the ODE error of a 2-step sampler, which re-noises)."""
     lines = [f"# cmbench summary: suite `{suite}`", "",
-             "Mean ± sd over seeds; `ideal` is what exact samples score at the same n (the noise floor).", ""]
+             "Mean ± sd over seeds; `ideal` is what exact samples score at the same n (the noise floor); "
+             "— marks an NFE a variant is not evaluated at (the `edm` teacher is sampled with Heun, NFE 35).", ""]
     for dataset, d in df.groupby("dataset", sort=True):
         cells = d.groupby(["variant", "metric", "nfe"])["value"].agg(_mean_sd).unstack(["metric", "nfe"])
         ideal = d.groupby(["metric", "nfe"])["ideal"].first().map(
-            lambda v: "" if pd.isna(v) else f"{v:.4g}").to_frame("ideal").T
-        table = pd.concat([cells, ideal]).sort_index(axis=1)
+            lambda v: "n/a" if pd.isna(v) else f"{v:.4g}").to_frame("ideal").T
+        table = pd.concat([cells, ideal]).sort_index(axis=1).fillna("—")   # —: not evaluated at this NFE
         table.columns = [f"{m} @{n}" for m, n in table.columns]
         seeds = sorted(int(s) for s in d["seed"].unique())
         lines += [f"## {dataset}", "", f"{d['n_gen'].iloc[0]} samples per run; seeds {seeds}.", "",

@@ -113,11 +113,15 @@ def test_non_finite_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, 
     assert not paths.final_weights(rdir).exists()
 
 
-def test_changed_config_refuses_old_checkpoints(tmp_path):
-    from cmbench.config import ConfigError
+def test_changed_config_sets_old_checkpoints_aside(tmp_path, capsys):
     cfg = config(overrides={"train": {"steps": 300, "batch": 8, "checkpoint_every": 100}})
     rdir = paths.run_dir(tmp_path, cfg.run)
     loop.train(cfg, rdir, progress=False)
+    old = sorted(p.name for p in (rdir / "checkpoints").iterdir())
     other = config(overrides={"train": {"steps": 400, "batch": 8, "checkpoint_every": 100}})
-    with pytest.raises(ConfigError, match="holds checkpoints of config"):
-        loop.train(other, rdir, progress=False)
+    loop.train(other, rdir, progress=False)
+    err = capsys.readouterr().err
+    assert "config changed" in err and "resuming" not in err
+    assert sorted(p.name for p in (rdir / f"checkpoints-{cfg.hash}").iterdir()) == old     # kept, untouched
+    assert (rdir / f"stats-{cfg.hash}.jsonl").exists() and (rdir / f"final-{cfg.hash}.pt").exists()
+    assert checkpoint.load(paths.final_weights(rdir))["config_hash"] == other.hash

@@ -40,13 +40,17 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 def write_run_config(cfg: RunConfig, rdir: Path) -> None:
-    """config.json describes the run; a run dir holding another config's checkpoints is refused, not mixed."""
+    """config.json describes the run. Checkpoints and stats of another config are never mixed with this one's
+    nor deleted: they are set aside under names carrying their config hash."""
     path = rdir / "config.json"
     if path.exists():
         old = json.loads(path.read_text()).get("hash")
-        if old != cfg.hash and checkpoint.list_checkpoints(rdir / "checkpoints"):
-            raise ConfigError(f"{rdir} holds checkpoints of config {old}, not {cfg.hash}: "
-                              f"move {rdir / 'checkpoints'} away to start this config afresh")
+        if old != cfg.hash:
+            for name in ("checkpoints", "stats.jsonl", "final.pt"):
+                if (rdir / name).exists():
+                    aside = rdir / f"{Path(name).stem}-{old}{Path(name).suffix}"
+                    os.replace(rdir / name, aside)
+                    print(f"cmbench: config changed ({old} → {cfg.hash}): kept {aside.name}", file=sys.stderr)
     rdir.mkdir(parents=True, exist_ok=True)
     tmp = rdir / ".config.json.tmp"
     tmp.write_text(json.dumps({"hash": cfg.hash, "config": cfg.to_dict()}, indent=2))
