@@ -95,7 +95,9 @@ class Plan:
 
     def args(self, w) -> str:
         """The run-identifying arguments of `cmbench launch`, as one shell-safe string."""
-        cfg = self.run(w)
+        return self.launch_args(self.run(w))
+
+    def launch_args(self, cfg: RunConfig) -> str:
         sets = "".join(f" --set '{o}'" for o in self.overrides)
         return (f"--suite {cfg.run.suite} --dataset {cfg.run.dataset} --variant {cfg.run.variant} "
                 f"--seed {cfg.run.seed} --configs '{self.configs}' --results '{self.results}' "
@@ -126,5 +128,4 @@ class Plan:
 
     def reference_args(self, output: str) -> str:
         cfg, nfe = self.reference_sources()[output]
-        w = type("W", (), {**cfg.run.model_dump(), "seed": str(cfg.run.seed)})
-        return f"{self.args(w)} --nfe {nfe}"
+        return f"{self.launch_args(cfg)} --nfe {nfe}"
