@@ -2,6 +2,7 @@
 # cmbench.workflow; every config is resolved and validated while this file is parsed, before any job starts.
 #   snakemake --cores 2 all                              # the toy suite, one job per run (fused stages)
 #   snakemake --cores 2 all --config suite=NAME set="train.steps=2000 sample.n=5000" fuse=False
+import os
 import sys
 
 from cmbench.config import ConfigError
@@ -11,6 +12,7 @@ try:
     P = Plan.from_snakemake(config)
 except ConfigError as e:
     sys.exit(f"cmbench: config error: {e}")
+os.environ.update(P.launch_env())
 
 RUN = f"{P.results}/runs/{{suite}}/{{dataset}}/{{variant}}/s{{seed}}"
 
@@ -32,6 +34,8 @@ rule reference:
         f"{P.results}/reference/{{dataset}}-{{key}}.npz",
     params:
         args=lambda w, output: P.reference_args(output[0]),
+    resources:
+        cluster_jobs=1,   # a queued job (capped by the slurm profile)
     log:
         f"{P.results}/reference/logs/{{dataset}}-{{key}}.log",
     shell:
@@ -53,6 +57,8 @@ if P.fuse:
             config_hash=lambda w: P.run(w).hash,
             args=P.args,
         threads: lambda w: P.run(w).train.threads
+        resources:
+            cluster_jobs=1,   # a queued job (capped by the slurm profile)
         log:
             f"{RUN}/logs/run.log",
         shell:
@@ -69,6 +75,8 @@ else:
             config_hash=lambda w: P.run(w).hash,   # a changed config re-runs the job
             args=P.args,
         threads: lambda w: P.run(w).train.threads
+        resources:
+            cluster_jobs=1,   # a queued job (capped by the slurm profile)
         log:
             f"{RUN}/logs/train.log",
         shell:
@@ -81,6 +89,8 @@ else:
             f"{RUN}/samples/nfe{{nfe}}.npz",
         params:
             args=P.args,
+        resources:
+            cluster_jobs=1,   # a queued job (capped by the slurm profile)
         log:
             f"{RUN}/logs/sample-nfe{{nfe}}.log",
         shell:
@@ -94,6 +104,8 @@ else:
             f"{RUN}/metrics/nfe{{nfe}}.json",
         params:
             args=P.args,
+        resources:
+            cluster_jobs=1,   # a queued job (capped by the slurm profile)
         log:
             f"{RUN}/logs/evaluate-nfe{{nfe}}.log",
         shell:

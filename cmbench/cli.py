@@ -1,5 +1,6 @@
 """The `cmbench` command."""
 import argparse
+import os
 import sys
 
 import yaml
@@ -49,10 +50,12 @@ def cmd_evaluate(a):
 
 def cmd_launch(a):
     from cmbench.launch import launch
+    from cmbench.config import load_launch_config
     from cmbench.launch import RUN_STAGES
     if a.stage not in RUN_STAGES and a.nfe is None:
         sys.exit(f"cmbench: error: launch {a.stage} needs --nfe")
-    launch(a.stage, _resolve(a), a.results, a.nfe, a.launcher)
+    launch_cfg = load_launch_config(a.launch_config) if a.launcher == "slurm" else None
+    launch(a.stage, _resolve(a), a.results, a.nfe, a.launcher, launch_cfg)
 
 
 def cmd_report(a):
@@ -63,7 +66,7 @@ def cmd_report(a):
 
 def main(argv=None) -> None:
     from cmbench.config import ConfigError
-    from cmbench.errors import TrainingDiverged
+    from cmbench.errors import JobFailed, TrainingDiverged
     from cmbench.launch import LAUNCHERS, STAGES
 
     ap = argparse.ArgumentParser(prog="cmbench", description="consistency-model benchmark harness")
@@ -76,7 +79,10 @@ def main(argv=None) -> None:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("launch", help="run a stage of one run through a launcher and wait for it")
     p.add_argument("stage", choices=sorted(STAGES))
-    p.add_argument("--launcher", choices=LAUNCHERS, default="inline")
+    p.add_argument("--launcher", choices=LAUNCHERS, default=os.environ.get("CMBENCH_LAUNCHER", "inline"),
+                   help="default: $CMBENCH_LAUNCHER, else %(default)s")
+    p.add_argument("--launch-config", default=os.environ.get("CMBENCH_LAUNCH_CONFIG", "configs/launch/slurm.yaml"),
+                   help="cluster resources per job kind, for --launcher slurm (default: %(default)s)")
     _run_args(p, nfe=True)
     p.set_defaults(func=cmd_launch)
     p = sub.add_parser("sample", help="sample a finished run to an npz (samples, seeds, x_T, σ list)")
@@ -98,7 +104,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     try:
         a.func(a)
-    except (ConfigError, TrainingDiverged) as e:
+    except (ConfigError, TrainingDiverged, JobFailed) as e:
         sys.exit(f"cmbench: error: {e}")
 
 

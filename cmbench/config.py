@@ -324,3 +324,25 @@ def load_run_config(rdir: str | Path) -> RunConfig:
     """The resolved config a run dir was trained with (its config.json)."""
     saved = json.loads((Path(rdir) / "config.json").read_text())
     return RunConfig.model_validate_json(json.dumps(saved["config"]))
+
+
+class SlurmJob(Strict):
+    partition: str | None = None
+    account: str | None = None
+    gpus_per_node: Annotated[int, Field(ge=0)] = 0
+    cpus_per_task: PosInt = 1
+    mem_gb: PosFloat = 4.0
+    timeout_min: PosInt = 60
+
+
+class LaunchConfig(Strict):
+    """configs/launch/*.yaml: how long to wait between polls, and the resources of each kind of job."""
+    poll_s: PosFloat = 30.0
+    jobs: dict[Literal["teacher", "train", "sample", "evaluate"], SlurmJob]
+
+
+def load_launch_config(path: str | Path) -> LaunchConfig:
+    try:
+        return LaunchConfig.model_validate(load_yaml(Path(path)))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from None

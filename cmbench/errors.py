@@ -3,3 +3,7 @@
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: the run stops and keeps its last good checkpoint."""
+
+
+class JobFailed(RuntimeError):
+    """A submitted job ended without its result; the message carries the tail of its log."""

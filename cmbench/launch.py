@@ -2,15 +2,23 @@
 
 Launchers: `inline` calls the stage in this process (no submitit; the laptop toy default, one process per
 rule); `debug` is submitit's in-process DebugExecutor (drops into pdb on error: for interactive debugging);
-`local` is submitit's LocalExecutor (a child process per job, logs under the run dir's jobs/ folder)."""
+`local` is submitit's LocalExecutor (a child process per job); `slurm` submits with sbatch through submitit,
+records the job id in the run dir, and re-attaches to that job after a restart instead of submitting again."""
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
-from cmbench import paths
-from cmbench.config import RunConfig
+import submitit
 
-LAUNCHERS = ("inline", "debug", "local")
+from cmbench import paths
+from cmbench.config import LaunchConfig, RunConfig
+from cmbench.errors import JobFailed
+
+LAUNCHERS = ("inline", "debug", "local", "slurm")
+LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
+               "SUSPENDED", "COMPLETED")   # a job worth waiting for (COMPLETED: its result is there to read)
 
 
 def _train(cfg, rdir, results, nfe):
@@ -39,8 +47,8 @@ def _collect(cfg, rdir, results, nfe):
 
 
 def _run(cfg, rdir, results, nfe):
-    """Every stage of a run in one process: on a laptop, starting Python and torch costs more than a toy run's
-    sampling and evaluation (DESIGN.md, cost notes)."""
+    """Every stage of a run in one process: on a laptop, starting Python and torch costs more than a toy
+    run's sampling and evaluation (DESIGN.md, cost notes)."""
     _train(cfg, rdir, results, None)
     for n in cfg.sample.nfe:
         _sample(cfg, rdir, results, n)
@@ -63,18 +71,78 @@ def job_name(stage: str, nfe: int | None) -> str:
     return stage if nfe is None else f"{stage}-nfe{nfe}"
 
 
-def launch(stage: str, cfg: RunConfig, results: str | Path, nfe: int | None, launcher: str) -> None:
+def job_kind(stage: str, cfg: RunConfig) -> str:
+    """Which resources of the launch config a stage gets."""
+    if stage in ("train", "run"):
+        return "teacher" if cfg.loss["name"] == "edm" else "train"
+    return "sample" if stage == "sample" else "evaluate"
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """On timeout or preemption submitit calls checkpoint(), which (inherited) resubmits the same call;
+    training then resumes from its newest checkpoint, losing at most `train.checkpoint_every` steps."""
+
+    def __call__(self, stage, cfg_json, results, nfe):
+        run_stage(stage, cfg_json, results, nfe)
+
+
+def _slurm_parameters(launch_cfg: LaunchConfig, kind: str) -> dict:
+    job = launch_cfg.jobs[kind]
+    params = {"timeout_min": job.timeout_min, "cpus_per_task": job.cpus_per_task, "mem_gb": job.mem_gb,
+              "gpus_per_node": job.gpus_per_node, "tasks_per_node": 1, "nodes": 1}
+    params.update({f"slurm_{k}": v for k, v in (("partition", job.partition), ("account", job.account)) if v})
+    return params
+
+
+def _reattach(record: Path, folder: Path, cfg_hash: str):
+    """The job recorded by an earlier launch of this stage, if it is still alive (or finished) and ran this
+    config; otherwise None."""
+    if not record.exists():
+        return None
+    saved = json.loads(record.read_text())
+    if saved.get("launcher") != "slurm" or saved.get("config_hash") != cfg_hash:
+        return None
+    job = submitit.SlurmJob(folder=folder, job_id=saved["job_id"])
+    state = job.get_info(mode="force").get("State", "UNKNOWN").split()[0]
+    return job if state in LIVE_STATES else None
+
+
+def _wait(job, poll_s: float) -> None:
+    """Poll at a modest rate (one sacct call per poll); on failure raise JobFailed with the log's tail."""
+    while not job.done(force_check=True):
+        time.sleep(poll_s)
+    try:
+        job.result()
+    except Exception as e:
+        tail = "\n".join((job.stderr() or "").splitlines()[-30:])
+        raise JobFailed(f"job {job.job_id} failed: {type(e).__name__}; log tail ({job.paths.stderr}):\n"
+                        f"{tail}") from None
+
+
+def launch(stage: str, cfg: RunConfig, results: str | Path, nfe: int | None, launcher: str,
+           launch_cfg: LaunchConfig | None = None) -> None:
     results = str(results)
     cfg_json = json.dumps(cfg.to_dict())
     if launcher == "inline":
         return run_stage(stage, cfg_json, results, nfe)
-    import submitit
-
     jobs = paths.run_dir(results, cfg.run) / "jobs"
     jobs.mkdir(parents=True, exist_ok=True)
-    executor = submitit.AutoExecutor(folder=jobs / "%j", cluster=launcher)
-    executor.update_parameters(name=f"cmbench-{cfg.run.variant}-{job_name(stage, nfe)}", timeout_min=24 * 60)
-    job = executor.submit(run_stage, stage, cfg_json, results, nfe)
-    (jobs / f"{job_name(stage, nfe)}.json").write_text(json.dumps(
-        {"job_id": job.job_id, "launcher": launcher, "config_hash": cfg.hash, "submitted": time.time()}))
-    job.result()   # re-raises the job's exception (submitit adds the log tail)
+    folder, record = jobs / "%j", jobs / f"{job_name(stage, nfe)}.json"
+    job = _reattach(record, folder, cfg.hash) if launcher == "slurm" else None
+    if job is not None:
+        print(f"cmbench: re-attaching to job {job.job_id} ({record})", file=sys.stderr)
+    else:
+        executor = submitit.AutoExecutor(folder=folder, cluster=launcher)
+        executor.update_parameters(name=f"cmbench-{cfg.run.variant}-{job_name(stage, nfe)}")
+        if launcher == "slurm":
+            executor.update_parameters(**_slurm_parameters(launch_cfg, job_kind(stage, cfg)))
+        job = executor.submit(StageJob(), stage, cfg_json, results, nfe)
+        tmp = record.with_name(f".{record.name}.tmp")
+        tmp.write_text(json.dumps({"job_id": job.job_id, "launcher": launcher, "config_hash": cfg.hash,
+                                   "submitted": time.time()}))
+        os.replace(tmp, record)
+        print(f"cmbench: submitted job {job.job_id} ({record})", file=sys.stderr)
+    if launcher == "slurm":
+        _wait(job, launch_cfg.poll_s)
+    else:
+        job.result()

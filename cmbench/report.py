@@ -44,7 +44,8 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     import seaborn as sns
 
     g = sns.catplot(df, x="nfe", y="value", hue="variant", col="metric", row="dataset", kind="point",
-                    errorbar="sd", sharey=False, height=2.6, aspect=1.1, dodge=0.2)
+                    errorbar="sd", sharey=False, height=2.6, aspect=1.1,
+                    dodge=0.2 if df["variant"].nunique() > 1 else False)   # seaborn divides by (hues − 1)
     g.set_titles("{row_name} · {col_name}")
     g.savefig(path, dpi=110)
 

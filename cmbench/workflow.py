@@ -3,10 +3,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmbench import paths
-from cmbench.config import ConfigError, Experiment, RunConfig, parse_overrides
+from cmbench.config import ConfigError, Experiment, RunConfig, load_launch_config, parse_overrides
+from cmbench.launch import LAUNCHERS
 
 DEFAULT_SUITE = "toy"
-SNAKEMAKE_KEYS = {"suite", "set", "configs", "results", "launcher", "fuse"}
+SNAKEMAKE_KEYS = {"suite", "set", "configs", "results", "launcher", "fuse", "launch_config"}
 
 
 def check_run(cfg: RunConfig) -> RunConfig:
@@ -26,6 +27,7 @@ class Plan:
     configs: str
     overrides: list[str]
     launcher: str
+    launch_config: str  # cluster facts per job kind (slurm)
     fuse: bool          # one job per run (train, sample, evaluate); default with the inline launcher
 
     @classmethod
@@ -54,11 +56,16 @@ class Plan:
                                       f"itself distil a trained run")
                 teachers[str(paths.run_dir(results, t.run))] = t
         launcher = str(config.get("launcher", "inline"))
+        if launcher not in LAUNCHERS:
+            raise ConfigError(f"--config launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}")
+        launch_config = str(config.get("launch_config", Path(configs) / "launch" / "slurm.yaml"))
+        if launcher == "slurm":
+            load_launch_config(launch_config)      # a bad cluster file fails here, before any job
         fuse = config.get("fuse", launcher == "inline")
         if not isinstance(fuse, bool):
             raise ConfigError(f"--config fuse must be True or False, got {fuse!r}")
         return cls(suite, runs, {k: v for k, v in teachers.items() if k not in runs}, results, configs,
-                   overrides, launcher, fuse)
+                   overrides, launcher, launch_config, fuse)
 
     # --- targets -------------------------------------------------------------------------------------
     def metric_files(self) -> list[str]:
@@ -100,8 +107,12 @@ class Plan:
     def launch_args(self, cfg: RunConfig) -> str:
         sets = "".join(f" --set '{o}'" for o in self.overrides)
         return (f"--suite {cfg.run.suite} --dataset {cfg.run.dataset} --variant {cfg.run.variant} "
-                f"--seed {cfg.run.seed} --configs '{self.configs}' --results '{self.results}' "
-                f"--launcher {self.launcher}{sets}")
+                f"--seed {cfg.run.seed} --configs '{self.configs}' --results '{self.results}'{sets}")
+
+    def launch_env(self) -> dict[str, str]:
+        """How jobs are launched travels in the environment, not in rule params: switching between the
+        laptop and the cluster must not re-run finished work (Snakemake re-runs a job whose params change)."""
+        return {"CMBENCH_LAUNCHER": self.launcher, "CMBENCH_LAUNCH_CONFIG": self.launch_config}
 
     def reference(self, w) -> str:
         from cmbench.metrics.evaluate import reference_path

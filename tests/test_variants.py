@@ -115,7 +115,8 @@ def test_ect_mapping_and_loss():
         assert not grad and torch.equal(r_s, r[r > 0])
         assert torch.allclose((x_r - x0[r > 0]) / r_s[:, None], (x_t[r > 0] - x0[r > 0]) / t_s[r > 0, None])
         tgt[r > 0] = 0.5 * r_s[:, None] * x_r
-    hand = ((0.5 * t_s[:, None] * x_t - tgt) ** 2).sum(1).sqrt() / (t_s - r)
+    c = cfg.loss["huber_c"]                                                  # sqrt(Δ + c²) − c, weight 1/(t − r)
+    hand = ((((0.5 * t_s[:, None] * x_t - tgt) ** 2).sum(1) + c * c).sqrt() - c) / (t_s - r)
     assert torch.allclose(per_sample, hand, rtol=1e-10)
 
 

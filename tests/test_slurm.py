@@ -1,0 +1,171 @@
+"""The Slurm path for real: sbatch through submitit on the single-node cluster of slurm/dev-cluster.sh.
+
+Skipped where no cluster answers, unless CMBENCH_REQUIRE_SLURM=1 (CI sets it, so there they must run)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from cmbench import paths
+from cmbench.config import Experiment
+from cmbench.train import checkpoint, loop
+from cmbench.workflow import check_run
+from conftest import REPO
+
+
+def _cluster_up() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+
+
+if not _cluster_up():
+    if os.environ.get("CMBENCH_REQUIRE_SLURM") == "1":
+        raise RuntimeError("CMBENCH_REQUIRE_SLURM=1 but no Slurm cluster answers (slurm/dev-cluster.sh start)")
+    pytest.skip("no Slurm cluster (slurm/dev-cluster.sh start)", allow_module_level=True)
+
+DEV = REPO / "configs" / "launch" / "slurm-dev.yaml"
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+LONG = ["train.steps=3000", "train.batch=64", "train.checkpoint_every=200"]
+
+
+def launch_cmd(results, variant="ict", sets=(), stage="train"):
+    cmd = [sys.executable, "-m", "cmbench.cli", "launch", stage, "--launcher", "slurm", "--launch-config", str(DEV),
+           "--configs", str(REPO / "configs"), "--results", str(results), "--dataset", "gauss1d",
+           "--variant", variant, "--seed", "0"]
+    return cmd + [a for s in sets for a in ("--set", s)]
+
+
+def inline_final(tmp_path, sets, variant="ict"):
+    over = {}
+    for s in sets:
+        key, value = s.split("=")
+        over.setdefault("train", {})[key.split(".")[1]] = int(value)
+    cfg = check_run(Experiment(REPO / "configs").resolve("toy", "gauss1d", variant, 0, over))
+    return loop.train(cfg, paths.run_dir(tmp_path / "inline", cfg.run), progress=False)
+
+
+def assert_same_weights(a, b):
+    a, b = checkpoint.load(a), checkpoint.load(b)
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def sacct(job_id: str) -> list[str]:
+    out = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job_id, "-o", "State"], capture_output=True,
+                         text=True, check=True).stdout
+    return [s.strip() for s in out.splitlines() if s.strip()]
+
+
+def record(results, stage="train") -> Path:
+    return results / "runs" / "toy" / "gauss1d" / "ict" / "s0" / "jobs" / f"{stage}.json"
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_train_through_sbatch_equals_inline(tmp_path):
+    sets = ["train.steps=300"]
+    r = subprocess.run(launch_cmd(tmp_path, sets=sets), capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    job_id = json.loads(record(tmp_path).read_text())["job_id"]
+    assert sacct(job_id) == ["COMPLETED"]
+    assert_same_weights(tmp_path / "runs/toy/gauss1d/ict/s0/final.pt", inline_final(tmp_path, sets))
+
+
+def test_requeued_job_resumes_bit_identical(tmp_path):
+    proc = subprocess.Popen(launch_cmd(tmp_path, sets=LONG), stderr=subprocess.PIPE, text=True, env=ENV)
+    ckdir = tmp_path / "runs/toy/gauss1d/ict/s0/checkpoints"
+    wait_for(lambda: record(tmp_path).exists() and checkpoint.list_checkpoints(ckdir))
+    job_id = json.loads(record(tmp_path).read_text())["job_id"]
+    subprocess.run(["scontrol", "requeue", job_id], check=True)          # as a preemption does
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    states = sacct(job_id)
+    assert "REQUEUED" in states and states[-1] == "COMPLETED", states
+    log = (tmp_path / "runs/toy/gauss1d/ict/s0/jobs" / job_id / f"{job_id}_0_log.err").read_text()
+    assert "resuming" in log
+    assert_same_weights(tmp_path / "runs/toy/gauss1d/ict/s0/final.pt", inline_final(tmp_path, LONG))
+
+
+def test_restarted_launch_reattaches_instead_of_resubmitting(tmp_path):
+    proc = subprocess.Popen(launch_cmd(tmp_path, sets=LONG), stderr=subprocess.DEVNULL, env=ENV)
+    wait_for(lambda: record(tmp_path).exists())
+    job_id = json.loads(record(tmp_path).read_text())["job_id"]
+    os.kill(proc.pid, signal.SIGKILL)                                     # the login-node process dies
+    proc.wait()
+    r = subprocess.run(launch_cmd(tmp_path, sets=LONG), capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert f"re-attaching to job {job_id}" in r.stderr
+    assert json.loads(record(tmp_path).read_text())["job_id"] == job_id
+    name = "cmbench-ict-train"
+    out = subprocess.run(["sacct", "-n", "-X", "-o", "JobID,JobName%40", "-S", "now-1hour"], capture_output=True,
+                         text=True, check=True).stdout
+    mine = [ln.split()[0] for ln in out.splitlines() if name in ln and ln.split()[0] == job_id]
+    assert mine == [job_id]                                               # one job for this run, not two
+
+
+def test_job_failing_on_the_node_fails_the_launch_with_its_log(tmp_path):
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(b"not a checkpoint")           # exists where the config is checked; unreadable on the node
+    r = subprocess.run(launch_cmd(tmp_path, sets=[f"train.init_from={bad}", "train.steps=50"]),
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode != 0
+    assert "cmbench: error: job" in r.stderr and "failed" in r.stderr and "log tail" in r.stderr
+    assert "UnpicklingError" in r.stderr or "Error" in r.stderr.split("log tail")[1]
+
+
+def test_snakemake_profile_slurm_runs_the_suite_through_sbatch(tmp_path):
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"x")
+    broken = yaml.safe_load((configs / "variants" / "ict.yaml").read_text())
+    broken["train"]["init_from"] = str(bad)
+    (configs / "variants" / "ict_broken.yaml").write_text(yaml.safe_dump(broken))
+    suite = {"variants": ["ict", "ict_broken"], "datasets": ["gauss1d"], "seeds": [0, 1]}
+    (configs / "experiment.yaml").write_text(yaml.safe_dump({"suites": {"mini": suite}}))
+    small = "train.steps=200 sample.n=1000 evaluate.ref_n=1000 evaluate.floor_repeats=2"
+    cmd = [sys.executable, "-m", "snakemake", "all", "-s", str(REPO / "Snakefile"), "--profile", str(REPO / "slurm"),
+           "--directory", str(tmp_path), "--config", f"configs={configs}", "suite=mini", f"set={small}",
+           f"launch_config={DEV}", "--latency-wait", "5"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out                                        # the broken runs fail ...
+    for seed in (0, 1):                                                  # ... and, with keep-going, the rest finish
+        assert (tmp_path / f"results/runs/mini/gauss1d/ict/s{seed}/metrics/records.json").exists(), out
+    log = (tmp_path / "results/runs/mini/gauss1d/ict_broken/s0/logs/train.log").read_text()
+    assert "cmbench: error: job" in log and "log tail" in log
+    stages = {"train", "sample-nfe1", "sample-nfe2", "evaluate-nfe1", "evaluate-nfe2", "collect"}
+    for seed in (0, 1):                                                  # every stage was a job, and sacct saw it
+        records = {p.stem: json.loads(p.read_text())["job_id"]
+                   for p in (tmp_path / f"results/runs/mini/gauss1d/ict/s{seed}/jobs").glob("*.json")}
+        assert stages <= set(records)
+        assert all(sacct(j) == ["COMPLETED"] for j in records.values())
+    # the same seeds through the laptop path (one fused in-process job per run) give the same records
+    local = tmp_path / "local"
+    local.mkdir()
+    (configs / "experiment.yaml").write_text(yaml.safe_dump({"suites": {"mini": {**suite, "variants": ["ict"]}}}))
+    subprocess.run([sys.executable, "-m", "snakemake", "all", "--cores", "2", "-s", str(REPO / "Snakefile"),
+                    "--directory", str(local), "--config", f"configs={configs}", "suite=mini", f"set={small}"],
+                   capture_output=True, text=True, env=ENV, check=True)
+    cols = ["seed", "nfe", "metric", "value", "config_hash", "checkpoint_sha256"]
+    ours = pd.DataFrame([r for s in (0, 1) for r in json.loads(
+        (tmp_path / f"results/runs/mini/gauss1d/ict/s{s}/metrics/records.json").read_text())])[cols]
+    theirs = pd.DataFrame([r for s in (0, 1) for r in json.loads(
+        (local / f"results/runs/mini/gauss1d/ict/s{s}/metrics/records.json").read_text())])[cols]
+    pd.testing.assert_frame_equal(ours.reset_index(drop=True), theirs.reset_index(drop=True))
