@@ -115,7 +115,8 @@ class Optim(Strict):
 
 class Train(Strict):
     steps: PosInt
-    batch: PosInt = 512
+    batch: PosInt = 512                 # global batch, whatever the number of ranks
+    batch_per_device: PosInt | None = None   # micro-batch per rank; the rest is gradient accumulation
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999   # sampling EMA; must suit the run length (calibration.md)
     checkpoint_every: PosInt = 1000
     keep_checkpoints: PosInt = 2
@@ -330,6 +331,7 @@ class SlurmJob(Strict):
     partition: str | None = None
     account: str | None = None
     gpus_per_node: Annotated[int, Field(ge=0)] = 0
+    tasks_per_node: PosInt | None = None     # ranks of a training job; None: one per GPU (one without GPUs)
     cpus_per_task: PosInt = 1
     mem_gb: PosFloat = 4.0
     timeout_min: PosInt = 60

@@ -80,16 +80,22 @@ def job_kind(stage: str, cfg: RunConfig) -> str:
 
 class StageJob(submitit.helpers.Checkpointable):
     """On timeout or preemption submitit calls checkpoint(), which (inherited) resubmits the same call;
-    training then resumes from its newest checkpoint, losing at most `train.checkpoint_every` steps."""
+    training then resumes from its newest checkpoint, losing at most `train.checkpoint_every` steps.
+    With several tasks, each is one torch.distributed rank of a training job (cmbench.train.distributed)."""
 
     def __call__(self, stage, cfg_json, results, nfe):
+        if submitit.JobEnvironment().num_tasks > 1:
+            if stage != "train":
+                raise ValueError(f"stage {stage!r} runs as one task; only 'train' is split over ranks")
+            submitit.helpers.TorchDistributedEnvironment().export()
         run_stage(stage, cfg_json, results, nfe)
 
 
 def _slurm_parameters(launch_cfg: LaunchConfig, kind: str) -> dict:
     job = launch_cfg.jobs[kind]
+    tasks = (job.tasks_per_node or max(job.gpus_per_node, 1)) if kind in ("teacher", "train") else 1
     params = {"timeout_min": job.timeout_min, "cpus_per_task": job.cpus_per_task, "mem_gb": job.mem_gb,
-              "gpus_per_node": job.gpus_per_node, "tasks_per_node": 1, "nodes": 1}
+              "gpus_per_node": job.gpus_per_node, "tasks_per_node": tasks, "nodes": 1}
     params.update({f"slurm_{k}": v for k, v in (("partition", job.partition), ("account", job.account)) if v})
     return params
 
@@ -112,11 +118,12 @@ def _wait(job, poll_s: float) -> None:
     while not job.done(force_check=True):
         time.sleep(poll_s)
     try:
-        job.result()
+        job.results()      # every task's (a training job may run one task per rank)
     except Exception as e:
-        tail = "\n".join((job.stderr() or "").splitlines()[-30:])
-        raise JobFailed(f"job {job.job_id} failed: {type(e).__name__}; log tail ({job.paths.stderr}):\n"
-                        f"{tail}") from None
+        logs = sorted(Path(job.paths.folder).glob(f"{job.job_id}_*_log.err"))
+        tail = "\n".join(ln for log in logs for ln in log.read_text().splitlines()[-30:])
+        raise JobFailed(f"job {job.job_id} failed: {type(e).__name__}; log tail "
+                        f"({', '.join(map(str, logs))}):\n{tail}") from None
 
 
 def launch(stage: str, cfg: RunConfig, results: str | Path, nfe: int | None, launcher: str,
@@ -145,4 +152,4 @@ def launch(stage: str, cfg: RunConfig, results: str | Path, nfe: int | None, lau
     if launcher == "slurm":
         _wait(job, launch_cfg.poll_s)
     else:
-        job.result()
+        job.results()

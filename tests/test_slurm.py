@@ -169,3 +169,23 @@ def test_snakemake_profile_slurm_runs_the_suite_through_sbatch(tmp_path):
     theirs = pd.DataFrame([r for s in (0, 1) for r in json.loads(
         (local / f"results/runs/mini/gauss1d/ict/s{s}/metrics/records.json").read_text())])[cols]
     pd.testing.assert_frame_equal(ours.reset_index(drop=True), theirs.reset_index(drop=True))
+
+
+def test_two_task_training_job_matches_single_rank(tmp_path):
+    """One Slurm job, two tasks: torch.distributed ranks (gloo on CPU) from submitit's environment."""
+    dev = yaml.safe_load(DEV.read_text())
+    dev["jobs"]["train"]["tasks_per_node"] = 2
+    launch_cfg = tmp_path / "two-tasks.yaml"
+    launch_cfg.write_text(yaml.safe_dump(dev))
+    sets = ["train.steps=300", "train.batch=64", "train.log_every=25"]
+    cmd = launch_cmd(tmp_path, sets=sets)
+    cmd[cmd.index(str(DEV))] = str(launch_cfg)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    job_id = json.loads(record(tmp_path).read_text())["job_id"]
+    tasks = subprocess.run(["sacct", "-n", "-j", f"{job_id}.0", "-o", "NTasks"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert tasks == ["2"]
+    ours = checkpoint.load(tmp_path / "runs/toy/gauss1d/ict/s0/final.pt")["ema"]
+    single = checkpoint.load(inline_final(tmp_path, sets))["ema"]
+    assert all(torch.allclose(ours[k], single[k], atol=1e-5) for k in ours)

@@ -19,8 +19,9 @@ class Loss(ABC):
         """Raise ValueError for a combination of loss and config that cannot work."""
 
     @abstractmethod
-    def __call__(self, model, target, x0: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
-        """Unreduced per-sample loss [B]. `target` is the target network, or the model itself (θ⁻ = stopgrad θ)."""
+    def __call__(self, model, target, x0: torch.Tensor, step: int, generator) -> torch.Tensor:
+        """Unreduced per-sample loss [B]. `target` is the target network, or the model itself (θ⁻ = stopgrad θ).
+        `generator`: a torch.Generator, or cmbench.draws.Draws when x0 is one rank's shard of a global batch."""
 
     def target_ema(self, step: int) -> float | None:
         """μ(k) for a separate target network θ⁻; None: θ⁻ = stopgrad(θ), no target network is kept."""

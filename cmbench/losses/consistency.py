@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 
 from cmbench.config import RunConfig, Strict
+from cmbench.draws import Draws
 from cmbench.losses import pieces
 from cmbench.losses.base import Loss
 
@@ -52,9 +53,10 @@ class DiscreteConsistencyLoss(Loss):
 
     def __call__(self, model, target, x0: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
         sigmas = pieces.karras_sigmas(self.discretization(step), self.sigma_min, self.sigma_max, self.rho)
-        i = torch.multinomial(self.pair_probs(sigmas), x0.shape[0], replacement=True, generator=generator)
+        draws = Draws.of(generator, x0.shape[0])
+        i = draws.multinomial(self.pair_probs(sigmas))
         sig_lo, sig_hi = (s.to(x0.device, x0.dtype) for s in (sigmas[i], sigmas[i + 1]))
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        z = draws.randn(x0.shape[1:], like=x0)
         x_hi = x0 + sig_hi.reshape(-1, *[1] * (x0.ndim - 1)) * z
         pred = model(x_hi, sig_hi)
         with torch.no_grad():

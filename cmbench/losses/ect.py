@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 
 from cmbench.config import Strict
+from cmbench.draws import Draws
 from cmbench.losses import pieces, register
 from cmbench.losses.base import Loss
 
@@ -52,10 +53,11 @@ class ECT(Loss):
 
     def __call__(self, model, target, x0, step, generator):
         p, sd = self.params, self.cfg.precond.sigma_data
-        n = torch.randn(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
+        draws = Draws.of(generator, x0.shape[0])
+        n = draws.randn((), like=x0)
         t = (p.p_mean + p.p_std * n).exp()
         r = self.r_of_t(t, step)
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        z = draws.randn(x0.shape[1:], like=x0)
         col = (-1,) + (1,) * (x0.ndim - 1)
         pred = model(x0 + t.reshape(col) * z, t)
         with torch.no_grad():

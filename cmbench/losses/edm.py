@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 
 from cmbench.config import Strict
+from cmbench.draws import Draws
 from cmbench.losses import register
 from cmbench.losses.base import Loss
 
@@ -29,9 +30,10 @@ class EDM(Loss):
 
     def __call__(self, model, target, x0, step, generator):
         p, sd = self.params, self.cfg.precond.sigma_data
-        n = torch.randn(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
+        draws = Draws.of(generator, x0.shape[0])
+        n = draws.randn((), like=x0)
         sigma = (p.p_mean + p.p_std * n).exp()
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        z = draws.randn(x0.shape[1:], like=x0)
         denoised = model(x0 + sigma.reshape(-1, *[1] * (x0.ndim - 1)) * z, sigma)
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
         return weight * (denoised - x0).reshape(x0.shape[0], -1).square().mean(dim=1)

@@ -12,6 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from cmbench.config import RunConfig, Strict
+from cmbench.draws import Draws
 from cmbench.losses import register
 from cmbench.losses.base import Loss
 from cmbench.nets.mlp import NoiseEmbedding
@@ -97,10 +98,10 @@ class SCMLoss(Loss):
 
     def __call__(self, model, target, x0, step, generator):
         # t = arctan(e^τ/σ_d), τ ~ N(P_mean, P_std²): EDM's lognormal σ in TrigFlow time (papers.md §5.3)
-        tau = self.params.p_mean + self.params.p_std * torch.randn(
-            x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
+        draws = Draws.of(generator, x0.shape[0])
+        tau = self.params.p_mean + self.params.p_std * draws.randn((), like=x0)
         t = torch.atan(tau.exp() / self.sigma_data)
-        z = self.sigma_data * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        z = self.sigma_data * draws.randn(x0.shape[1:], like=x0)
         return self.loss_at(model, target, x0, z, t, step)
 
     def loss_at(self, model, target, x0, z, t, step):

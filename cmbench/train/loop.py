@@ -16,7 +16,8 @@ from cmbench.data.toy import make_toy
 from cmbench.errors import TrainingDiverged
 from cmbench.nets import build_model
 from cmbench.teacher import build_teacher
-from cmbench.train import checkpoint
+from cmbench.draws import Draws
+from cmbench.train import checkpoint, distributed
 
 
 def build_optimizer(cfg: RunConfig, params):
@@ -65,14 +66,30 @@ def truncate_stats(path: Path, start_step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def micro_batches(batch: int, per_device: int | None, rank: int, world: int) -> list[slice]:
+    """This rank's slices of the global batch: an equal share, cut into micro-batches of `per_device`."""
+    share = batch // world
+    per_device = per_device or share
+    if batch % world or share % per_device:
+        raise ConfigError(f"train.batch {batch} does not split into {world} rank(s) × micro-batches of "
+                          f"train.batch_per_device {per_device}")
+    return [slice(lo, lo + per_device) for lo in range(rank * share, (rank + 1) * share, per_device)]
+
+
 def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
     """Train until cfg.train.steps, resuming from the newest valid checkpoint; returns the final weights file.
-    Idempotent: returns at once when the final file of this config exists."""
+    Idempotent: returns at once when the final file of this config exists. On several ranks (WORLD_SIZE > 1)
+    each computes its shard of the global batch, gradients are summed, and only rank 0 writes."""
     rdir = Path(rdir)
     final = paths.final_weights(rdir)
     if final.exists() and checkpoint.load(final)["config_hash"] == cfg.hash:
         return final
-    write_run_config(cfg, rdir)
+    rank, world = distributed.setup()
+    main = rank == 0
+    if main:
+        write_run_config(cfg, rdir)
+        (rdir / "checkpoints").mkdir(exist_ok=True)
+    distributed.barrier(world)
     t = cfg.train
     torch.set_num_threads(t.threads)
     teacher = build_teacher(cfg, rdir)
@@ -92,7 +109,6 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
     generator = torch.Generator().manual_seed(cfg.run.seed)   # the data and noise stream: its state is the cursor
 
     ckdir = rdir / "checkpoints"
-    ckdir.mkdir(exist_ok=True)
     state, path = checkpoint.load_latest_valid(ckdir)
     start = 0
     if state is not None:
@@ -107,9 +123,11 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state, generator)
         start = state["step"]
-        print(f"cmbench: resuming {rdir} from {path.name} (step {start})", file=sys.stderr)
+        if main:
+            print(f"cmbench: resuming {rdir} from {path.name} (step {start})", file=sys.stderr)
     stats_path = rdir / "stats.jsonl"
-    truncate_stats(stats_path, start)
+    if main:
+        truncate_stats(stats_path, start)
 
     def save(step: int) -> Path:
         ck = {"step": step, "config_hash": cfg.hash, "model": model.state_dict(), "ema": ema.state_dict(),
@@ -129,16 +147,24 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
                                 f"last good checkpoint: {good[-1] if good else 'none'}")
 
     loss_sum, n_acc, tick = 0.0, 0, time.perf_counter()
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=None if progress else True,
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=None if progress and main else True,
                desc=f"{cfg.run.variant}/{cfg.run.dataset}/s{cfg.run.seed}", mininterval=2, leave=False)
-    with open(stats_path, "a") as stats:
+    parts = micro_batches(t.batch, t.batch_per_device, rank, world)
+    with open(stats_path if main else os.devnull, "a") as stats:
         for step in bar:
-            x0 = data.sample_torch(t.batch, generator)
-            loss = loss_fn(model, target if target is not None else model, x0, step, generator).mean()
+            opt.zero_grad(set_to_none=True)
+            loss, at_step = torch.zeros(()), generator.get_state()
+            for part in parts:          # this rank's micro-batches of the global batch (Draws: same numbers)
+                generator.set_state(at_step)
+                draws = Draws(generator, t.batch, part)
+                x0 = data.sample_torch(t.batch, generator)[part]
+                per_sample = loss_fn(model, target if target is not None else model, x0, step, draws)
+                micro = per_sample.sum() / t.batch
+                micro.backward()
+                loss += micro.detach()
+            distributed.all_sum([loss] + [p.grad for p in params if p.grad is not None], world)
             if not torch.isfinite(loss):
                 raise diverged(step, "loss", loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf)
             if not torch.isfinite(grad_norm):
                 raise diverged(step, "gradient norm", grad_norm)
@@ -161,8 +187,11 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
                 stats.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.3g}")
                 loss_sum, n_acc, tick = 0.0, 0, now
-            if done % t.checkpoint_every == 0 and done < t.steps:
+            if main and done % t.checkpoint_every == 0 and done < t.steps:
                 save(done)
+    distributed.barrier(world)
+    if not main:
+        return final
     checkpoint.save_atomic({"step": t.steps, "config_hash": cfg.hash, "model": model.state_dict(),
                             "ema": ema.state_dict()}, final)
     return final
