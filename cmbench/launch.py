@@ -17,8 +17,10 @@ from cmbench.config import LaunchConfig, RunConfig
 from cmbench.errors import JobFailed
 
 LAUNCHERS = ("inline", "debug", "local", "slurm")
+# a job worth waiting for. Not COMPLETED: Snakemake deletes the outputs of a job it did not see finish, so a
+# finished job is run again (training resumes from its checkpoints; the other stages are short)
 LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
-               "SUSPENDED", "COMPLETED")   # a job worth waiting for (COMPLETED: its result is there to read)
+               "SUSPENDED")
 
 
 def _train(cfg, rdir, results, nfe):
@@ -101,8 +103,8 @@ def _slurm_parameters(launch_cfg: LaunchConfig, kind: str) -> dict:
 
 
 def _reattach(record: Path, folder: Path, cfg_hash: str):
-    """The job recorded by an earlier launch of this stage, if it is still alive (or finished) and ran this
-    config; otherwise None."""
+    """The job recorded by an earlier launch of this stage, if it is still alive and runs this config;
+    otherwise None."""
     if not record.exists():
         return None
     saved = json.loads(record.read_text())

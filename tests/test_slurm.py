@@ -189,3 +189,33 @@ def test_two_task_training_job_matches_single_rank(tmp_path):
     ours = checkpoint.load(tmp_path / "runs/toy/gauss1d/ict/s0/final.pt")["ema"]
     single = checkpoint.load(inline_final(tmp_path, sets))["ema"]
     assert all(torch.allclose(ours[k], single[k], atol=1e-5) for k in ours)
+
+
+def test_killed_snakemake_reattaches_on_restart(tmp_path):
+    """Kill the login-node Snakemake while its training job runs; the restarted workflow waits for that same job."""
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    suite = {"variants": ["ict"], "datasets": ["gauss1d"], "seeds": [0]}
+    (configs / "experiment.yaml").write_text(yaml.safe_dump({"suites": {"mini": suite}}))
+    long = " ".join(LONG + ["sample.n=1000", "evaluate.ref_n=1000", "evaluate.floor_repeats=2"])
+    cmd = [sys.executable, "-m", "snakemake", "all", "-s", str(REPO / "Snakefile"), "--profile", str(REPO / "slurm"),
+           "--directory", str(tmp_path), "--config", f"configs={configs}", "suite=mini", f"set={long}",
+           f"launch_config={DEV}", "--latency-wait", "5"]
+    run = tmp_path / "results/runs/mini/gauss1d/ict/s0"
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    wait_for(lambda: (run / "jobs" / "train.json").exists())
+    job_id = json.loads((run / "jobs" / "train.json").read_text())["job_id"]
+    first.kill()                                                          # SIGKILL: no clean-up of any kind
+    first.wait()
+    shutil.rmtree(tmp_path / ".snakemake" / "locks", ignore_errors=True)   # what `snakemake --unlock` does
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"re-attaching to job {job_id}" in (run / "logs" / "train.log").read_text()
+    submitted = [p.name for p in (run / "jobs").iterdir() if p.is_dir()]   # one folder per submitted job
+
+    def name(j):
+        return subprocess.run(["sacct", "-n", "-X", "-j", j, "-o", "JobName%40"], capture_output=True, text=True,
+                              check=True).stdout.split()[0]
+
+    assert [j for j in submitted if name(j) == "cmbench-ict-train"] == [job_id]   # one training job, not two
+    assert sacct(job_id)[-1] == "COMPLETED"
