@@ -62,9 +62,16 @@ def assert_same_weights(a, b):
 
 
 def sacct(job_id: str) -> list[str]:
-    out = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job_id, "-o", "State"], capture_output=True,
-                         text=True, check=True).stdout
-    return [s.strip() for s in out.splitlines() if s.strip()]
+    """The job's state history (with requeues), once the last state is final: a job's result file can
+    appear before Slurm's accounting has recorded the end of the job."""
+    deadline = time.time() + 60
+    while True:
+        out = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job_id, "-o", "State"], capture_output=True,
+                             text=True, check=True).stdout
+        states = [s.strip() for s in out.splitlines() if s.strip()]
+        if states and states[-1] not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED") or time.time() > deadline:
+            return states
+        time.sleep(0.5)
 
 
 def record(results, stage="train") -> Path:
