@@ -5,7 +5,6 @@ import torch
 
 from cmbench import paths
 from cmbench.config import Experiment
-from cmbench.nets.precond import Precond
 from cmbench.sample import consistency_sample, sample_run
 from cmbench.seeds import seed_noise
 from cmbench.train import loop

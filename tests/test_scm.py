@@ -1,20 +1,16 @@
 """sCT and sCD (Lu & Song 2024; papers.md §5): the TrigFlow model, the JVP, the teacher velocity, the loss
 against a recomputation from its definition, its gradient, and learning the Gaussian consistency map."""
 
-import numpy as np
 import pytest
 import torch
 
-from cmbench import losses, paths
+from cmbench import losses
 from cmbench.config import ConfigError, Experiment
-from cmbench.data.toy import Gaussian, make_toy
-from cmbench.losses.pieces import karras_sigmas
+from cmbench.data.toy import Gaussian
 from cmbench.losses.scm import tangent_jvp, teacher_velocity
-from cmbench.nets import build_model
 from cmbench.nets.mlp import MLP
 from cmbench.nets.precond import TrigFlow
 from cmbench.teacher import AnalyticTeacher
-from cmbench.train import checkpoint, loop
 from cmbench.workflow import check_run
 from conftest import REPO
 

@@ -8,10 +8,14 @@ evaluation (numpy only) does not pay for importing torch.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.integrate import solve_ivp
 from scipy.special import softmax
+
+if TYPE_CHECKING:
+    import torch
 
 # Default ODE tolerances. solve_ivp's error norm is an RMS over the whole vectorised system, so they are
 # set well below the 1e-6 target: measured max error 2e-10 against the Gaussian closed form and 1e-9

@@ -2,7 +2,6 @@
 sCD and ECT."""
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from cmbench.config import Strict

@@ -1,5 +1,4 @@
 """MLP backbone for toy data: F(x, c_noise) with a sin/cos embedding of c_noise."""
-import math
 
 import torch
 from torch import nn
