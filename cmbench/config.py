@@ -79,15 +79,82 @@ class MixtureData(Strict):
         return self
 
 
-Dataset = Annotated[Union[GaussianData, MixtureData], Field(discriminator="kind")]
+class ImageData(Strict):
+    """Images in [−1, 1], channels first. digits: scikit-learn's 8×8 digits (optionally resized); patches:
+    32×32 RGB crops of the photos bundled with scikit-learn and matplotlib (real images with CIFAR's shape);
+    cifar10 / imagenet64: a local copy of the dataset (cmbench.data.images documents the layouts)."""
+    kind: Literal["image"]
+    source: Literal["digits", "patches", "cifar10", "imagenet64"]
+    resolution: PosInt
+    channels: Literal[1, 3]
+    path: str | None = None             # cifar10 / imagenet64: the local copy (checked at dry-run time)
+    xflip: bool = False                 # random horizontal flips in training (the papers' CIFAR-10 setting)
+    size: PosInt | None = None          # patches: how many crops; others: use the first `size` images
+
+    @model_validator(mode="after")
+    def _source(self):
+        if (self.path is None) != (self.source in ("digits", "patches")):
+            raise ValueError(f"source '{self.source}' " + ("needs a path" if self.path is None else "takes no path"))
+        fixed = {"digits": (None, 1), "patches": (32, 3), "cifar10": (32, 3), "imagenet64": (64, 3)}[self.source]
+        if self.channels != fixed[1] or self.resolution != (fixed[0] or self.resolution):
+            raise ValueError(f"source '{self.source}' has {fixed[1]} channel(s)"
+                             + (f" at resolution {fixed[0]}" if fixed[0] else ""))
+        return self
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.resolution, self.resolution)
+
+    @property
+    def dim(self) -> int:
+        return self.channels * self.resolution**2
 
 
-class Net(Strict):
+Dataset = Annotated[Union[GaussianData, MixtureData, ImageData], Field(discriminator="kind")]
+
+
+class MLPNet(Strict):
+    """Toy-data backbone (cmbench.nets.mlp)."""
     name: Literal["mlp"] = "mlp"
     width: PosInt = 128
     depth: PosInt = 3                   # hidden layers
     emb_features: PosInt = 16           # sin/cos features of c_noise
     emb_max_freq: PosFloat = 4.0        # rad per unit c_noise; low works best on toys (2π·4 was 10× worse in W2)
+
+
+Dropout = Annotated[float, Field(ge=0, lt=1)]
+
+
+class UNetNet(Strict):
+    """DDPM++ / NCSN++ (Song et al. 2021), the CIFAR-10 backbone of EDM, CM, iCT, ECT and sCM. Defaults are
+    EDM's DDPM++ CIFAR-10 configuration (55.7M parameters); NCSN++ is embedding fourier, encoder residual,
+    resample_filter [1, 3, 3, 1] (cmbench.nets.unet)."""
+    name: Literal["unet"]
+    model_channels: PosInt = 128
+    channel_mult: Annotated[list[PosInt], Field(min_length=1)] = [2, 2, 2]
+    num_blocks: PosInt = 4              # residual blocks per resolution (iCT-deep: 8)
+    attn_resolutions: list[PosInt] = [16]
+    dropout: Dropout = 0.0
+    embedding: Literal["positional", "fourier"] = "positional"
+    fourier_scale: PosFloat = 16.0
+    channel_mult_noise: PosInt = 1
+    encoder: Literal["standard", "residual"] = "standard"
+    resample_filter: Annotated[list[PosInt], Field(min_length=1)] = [1, 1]
+
+
+class ADMNet(Strict):
+    """ADM (Dhariwal & Nichol 2021), the ImageNet-64 backbone of EDM, CM and iCT. Defaults are EDM's
+    ImageNet-64 configuration (cmbench.nets.unet)."""
+    name: Literal["adm"]
+    model_channels: PosInt = 192
+    channel_mult: Annotated[list[PosInt], Field(min_length=1)] = [1, 2, 3, 4]
+    num_blocks: PosInt = 3
+    attn_resolutions: list[PosInt] = [32, 16, 8]
+    head_channels: PosInt = 64
+    dropout: Dropout = 0.1
+
+
+Net = Annotated[Union[MLPNet, UNetNet, ADMNet], Field(discriminator="name")]
 
 
 class Precond(Strict):
@@ -165,7 +232,7 @@ class Evaluate(Strict):
 class RunConfig(Strict):
     run: RunId
     dataset: Dataset
-    net: Net = Net()
+    net: Net = MLPNet()
     precond: Precond = Precond()
     loss: dict[str, Any]                # checked by cmbench.losses against the registered loss's own schema
     teacher: Teacher | None = None
@@ -228,10 +295,16 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
+def _same_kind(a: dict, b: dict) -> bool:
+    """Mappings tagged with a different `name` or `kind` (another net, another dataset) replace, not merge."""
+    return all(b.get(tag, a.get(tag)) == a.get(tag) for tag in ("name", "kind"))
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict) and _same_kind(out[k], v)
+        out[k] = deep_merge(out[k], v) if merge else copy.deepcopy(v)
     return out
 
 
