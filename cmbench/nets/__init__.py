@@ -1,14 +1,18 @@
 """Networks and preconditioning, built from the resolved config."""
 from torch import nn
 
-from cmbench.config import RunConfig
-from cmbench.nets.mlp import MLP
+from cmbench.config import MLPNet, RunConfig
 from cmbench.nets.precond import Precond, TrigFlow
 
 
 def build_model(cfg: RunConfig) -> nn.Module:
     n, p = cfg.net, cfg.precond
-    net = MLP(cfg.dataset.dim, n.width, n.depth, n.emb_features, n.emb_max_freq)
+    if isinstance(n, MLPNet):
+        from cmbench.nets.mlp import MLP
+        net = MLP(cfg.dataset.dim, n.width, n.depth, n.emb_features, n.emb_max_freq)
+    else:
+        from cmbench.nets.unet import build_unet
+        net = build_unet(n, cfg.dataset.shape)
     if p.name == "trigflow":
         return TrigFlow(net, p.sigma_data)
     return Precond(net, p.sigma_data, p.sigma_min, boundary=p.name == "cm")
