@@ -7,3 +7,8 @@ class TrainingDiverged(RuntimeError):
 
 class JobFailed(RuntimeError):
     """A submitted job ended without its result; the message carries the tail of its log."""
+
+
+class MissingWeights(FileNotFoundError):
+    """A weights file (Inception for FID) is not where it is expected; nothing is downloaded. The message is one
+    line: the path, where the file comes from, and the variable that points to its directory."""
