@@ -1,0 +1,280 @@
+"""The report: reported numbers (configs/paper_numbers.yaml), summary tables, ODE-error-vs-quality verdicts, plots.
+
+Golden files: tests/golden/{summary,ode_vs_quality,ode_vs_quality_verdicts}_golden.* are the tables that
+`cmbench.report.write_tables` renders from the hand-written fixture records in tests/golden/records/ (a toy dataset
+with ideal values; cifar10 FID from torch-fidelity and clean-fid at NFE 1 and 2 over 2 seeds; `cd` has a paper
+number, `direct_cm` has none and lacks NFE 2) and configs/paper_numbers.yaml. They are compared byte for byte.
+After an intended change of the tables (or of the paper numbers they show), regenerate them with
+
+    CMBENCH_REGEN_GOLDEN=1 pytest tests/test_report.py -k golden
+
+and review `git diff tests/golden` before committing."""
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO
+
+from cmbench import report as rp
+from cmbench.cli import main
+from cmbench.config import ConfigError
+
+GOLDEN = REPO / "tests" / "golden"
+FIXTURES = sorted((GOLDEN / "records").glob("*.json"))
+PAPER_NUMBERS = REPO / "configs" / "paper_numbers.yaml"
+TABLES = ["summary_golden.csv", "summary_golden.md", "summary_golden.tex", "ode_vs_quality_golden.csv",
+          "ode_vs_quality_golden.md", "ode_vs_quality_golden.tex", "ode_vs_quality_verdicts_golden.csv"]
+
+# Every number of papers.md §10 as (dataset, NFE, value): §10.1 CIFAR-10 (31), §10.2 ImageNet-64 (45).
+SECTION_10 = {
+    "§10.1": [("cifar10", n, v) for n, v in [
+        (35, 1.97), (35, 1.79), (35, 2.01), (35, 2.04), (35, 2.15),        # EDM, EDM cond., as cited, TrigFlow
+        (1, 3.55), (2, 2.93), (1, 8.70), (2, 5.83), (1, 8.34), (2, 5.58),  # CD, CT, PD
+        (1, 2.83), (2, 2.46), (1, 2.51), (2, 2.24), (1, 2.62), (2, 2.28),  # iCT, iCT-deep, initial submission
+        (1, 4.54), (2, 2.20), (1, 3.86), (2, 2.15), (1, 3.60), (2, 2.11), (2, 2.73),   # ECT 100k/200k/400k, 1 h
+        (1, 2.85), (2, 2.06), (1, 3.97), (1, 3.51), (1, 3.09), (1, 3.66), (2, 2.52)]],  # sCT, in ECT setting, sCD
+    "§10.2": [("imagenet64", n, v) for n, v in [
+        (511, 1.36), (79, 2.44), (63, 1.33), (63, 1.70), (63, 1.55), (63, 1.44), (63, 1.38),  # EDM, EDM2, TrigFlow
+        (1, 6.20), (2, 4.70), (3, 4.32), (1, 13.0), (2, 11.1),                                # CD, CT
+        (1, 4.02), (2, 3.20), (1, 3.25), (2, 2.77), (1, 3.91), (2, 3.64),                     # iCT family
+        (1, 2.49), (2, 1.67), (1, 5.51), (1, 3.67), (1, 3.35), (2, 3.18), (2, 2.35), (2, 1.96), (1, 4.05),  # ECT
+        (1, 3.20), (2, 1.90),                                                                 # MultiStep-CD
+        (1, 3.23), (1, 2.25), (1, 2.08), (1, 2.04), (2, 2.93), (2, 1.81), (2, 1.57), (2, 1.48),  # sCT S–XL
+        (1, 2.97), (1, 2.79), (1, 2.43), (1, 2.44), (2, 2.07), (2, 1.89), (2, 1.70), (2, 1.66)]],  # sCD S–XL
+}
+
+
+@pytest.fixture(scope="module")
+def papers():
+    return rp.load_paper_numbers(PAPER_NUMBERS)
+
+
+@pytest.fixture(scope="module")
+def golden_dir(tmp_path_factory, papers):
+    out = tmp_path_factory.mktemp("golden")
+    rp.write_tables(rp.load_records(FIXTURES), "golden", out, rp.primary_numbers(papers))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ paper numbers
+def test_paper_numbers_hold_every_section_10_number(papers):
+    for section, expected in SECTION_10.items():
+        got = papers[papers["source"] == section]
+        assert len(got) == len(expected) == {"§10.1": 31, "§10.2": 45}[section]
+        assert Counter(zip(got["dataset"], got["nfe"], got["value"].round(2))) == Counter(expected)
+    assert set(papers["status"]) == set(rp.STATUSES) and (papers["metric"] != "").all()
+    # the headline choices documented in the file
+    prim = rp.primary_numbers(papers)
+    assert prim[("cifar10", "edm", "fid", 35)]["value"] == 1.97
+    assert (prim[("cifar10", "cd", "fid", 1)]["value"], prim[("cifar10", "cd", "fid", 2)]["value"]) == (3.55, 2.93)
+    assert prim[("imagenet64", "sct", "fid", 1)]["model"] == "XL"
+    assert papers[papers["variant"].isna()]["primary"].eq(False).all()
+    for r in papers.to_dict("records"):
+        assert r["citation"] and r["budget"] and set(rp.PROTOCOL_REQUIRED) <= set(r["protocol"])
+
+
+def _bad_file(tmp_path, edit) -> Path:
+    data = yaml.safe_load(PAPER_NUMBERS.read_text())
+    edit(data)
+    (tmp_path / "variants").mkdir()
+    for v in ("edm", "cd", "ct", "ict", "ect", "sct", "scd", "direct_cm"):
+        (tmp_path / "variants" / f"{v}.yaml").write_text("{}\n")
+    path = tmp_path / "paper_numbers.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path
+
+
+def _entry(data, method, nfe, **match):
+    return next(e for e in data["entries"] if e["method"] == method and e["nfe"] == nfe
+                and all(e.get(k) == v for k, v in match.items()))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: _entry(d, "sCD", 1, dataset="cifar10").pop("status"), r"entries\[\d+\] .*missing field\(s\) status"),
+    (lambda d: _entry(d, "sCD", 1, dataset="cifar10").update(status="confirmd"), r"status 'confirmd' is not one of"),
+    (lambda d: _entry(d, "EDM as cited by sCM / ECT", 35).update(primary=True),
+     r"cifar10/edm fid NFE 35: duplicate primary"),
+    (lambda d: _entry(d, "sCD", 2, dataset="cifar10").update(primary=False), r"cifar10/scd fid NFE 2: no primary"),
+    (lambda d: _entry(d, "PD (ℓ2)", 1).update(primary=True), r"primary: true needs a variant"),
+    (lambda d: _entry(d, "sCD", 1, dataset="cifar10").update(variant="scdd"), r"unknown variant 'scdd'"),
+    (lambda d: _entry(d, "sCD", 1, dataset="cifar10").update(protocol="scm"), r"unknown protocol 'scm'"),
+    (lambda d: _entry(d, "sCD", 1, dataset="cifar10").update(dataset="cifar100"), r"dataset 'cifar100' is not"),
+    (lambda d: _entry(d, "sCD", 1, dataset="cifar10").update(value="3.66"), r"value must be a non-negative number"),
+    (lambda d: _entry(d, "sCD", 1, dataset="cifar10").update(colour="red"), r"unknown field\(s\) colour"),
+    (lambda d: d["protocols"]["cm_cifar10"].pop("n_samples"), r"protocols.cm_cifar10: missing field\(s\) n_samples"),
+    (lambda d: d["entries"].append(dict(d["entries"][0])), r"entries\[\d+\] duplicates entries\[0\]"),
+])
+def test_paper_numbers_loader_rejects_a_bad_entry_in_one_line(tmp_path, edit, message):
+    path = _bad_file(tmp_path, edit)
+    with pytest.raises(ConfigError, match=message) as e:
+        rp.load_paper_numbers(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_the_unedited_copy_loads(tmp_path):
+    assert len(rp.load_paper_numbers(_bad_file(tmp_path, lambda d: None))) > 76
+
+
+# ------------------------------------------------------------------------------------------------------- tables
+@pytest.mark.parametrize("name", TABLES)
+def test_golden(golden_dir, name):
+    got = (golden_dir / name).read_bytes()
+    if os.environ.get("CMBENCH_REGEN_GOLDEN"):
+        (GOLDEN / name).write_bytes(got)
+    assert got == (GOLDEN / name).read_bytes(), f"{name} differs from tests/golden (see this file's docstring)"
+
+
+@pytest.mark.parametrize("name", TABLES + ["records.csv"])
+def test_no_blank_cells(golden_dir, name):
+    text = (golden_dir / name).read_text()
+    assert not re.search(r"\bnan\b|\bNaN\b|\bNone\b", text)
+    if name.endswith(".csv"):
+        df = pd.read_csv(golden_dir / name, keep_default_na=False, dtype=str)
+        assert len(df.columns) and not (df == "").any().any(), name
+    elif name.endswith(".md"):
+        assert not re.search(r"\|[ \t]*\|", text)
+    else:
+        assert not re.search(r"&[ \t]*&|&[ \t]*\\\\|^[ \t]*&", text, re.MULTILINE)
+
+
+def test_summary_cells(golden_dir):
+    t = pd.read_csv(golden_dir / "summary_golden.csv", keep_default_na=False).set_index(["dataset", "variant"])
+    cd, dcm = t.loc[("cifar10", "cd")], t.loc[("cifar10", "direct_cm")]
+    assert cd["fid [torch-fidelity] @1"] == "3.68 ± 0.042 (n=2)"
+    assert cd["fid [torch-fidelity] @1: paper"] == "3.55" and cd["fid [torch-fidelity] @1: Δ"] == "+0.13"
+    assert cd["fid [torch-fidelity] @1: protocol"] == "✓"
+    assert cd["fid [clean-fid/legacy_tensorflow] @2: protocol"] == "✗ 5k samples vs 50k"
+    assert dcm["fid [torch-fidelity] @1: paper"] == "no paper number"
+    assert dcm["fid [torch-fidelity] @2"] == "not evaluated"
+    ideal = t.loc[("gauss1d", "ideal")]
+    assert ideal["w2 @1"] == "0.0056" and ideal["ode_error @2"] == "n/a" and ideal["ode_error @1"] == "0"
+    assert t.loc[("gauss1d", "edm"), "w2 @35"] == "0.0195 (n=1)"
+    assert t.loc[("gauss1d", "cd"), "fid [torch-fidelity] @1"] == "not measured on this dataset"
+    assert "max relative difference 0.33% over 6 sample sets" in (golden_dir / "summary_golden.md").read_text()
+
+
+def _records(extra=()):
+    return pd.concat([rp.load_records(FIXTURES), *extra], ignore_index=True)
+
+
+def test_protocol_flag_names_each_difference():
+    df = rp._with_keys(rp.load_records(FIXTURES).query("dataset == 'cifar10'"))
+    edm = {"protocol": {"n_samples": 50000, "features": "inception_tf", "reference_split": "train",
+                        "conditional": False, "aggregate": "min over 3 sample sets"}}
+    r = df[(df["variant"] == "cd") & (df["nfe"] == 1) & (df["backend"] == "torch-fidelity")]
+    assert rp.protocol_flag(r, edm) == "✗ paper: min over 3 sample sets, ours: mean over seeds"
+    clean = r.assign(backend="clean-fid", mode="clean", reference_split=None, conditional=True)
+    assert rp.protocol_flag(clean, {"protocol": {**edm["protocol"], "aggregate": None}}) == (
+        "✗ clean-fid clean Inception vs TF Inception; ✗ conditional vs unconditional; "
+        "? our reference split not recorded")
+    unknown = {"protocol": {"n_samples": None, "features": None, "reference_split": None, "conditional": False}}
+    assert rp.protocol_flag(r, unknown) == "? paper protocol not stated"
+
+
+# -------------------------------------------------------------------------------------------- ODE vs quality
+def _toy(ode: dict, quality: dict, nfe=1, metric="w2", dataset="gauss1d") -> pd.DataFrame:
+    """Records of cd and direct_cm: {variant: [value per seed]} for ode_error and the quality metric."""
+    rows = [{"suite": "t", "dataset": dataset, "variant": v, "seed": s, "nfe": nfe, "metric": m, "backend": "toy",
+             "mode": "", "value": x, "ideal": None, "n_gen": 100}
+            for m, per in ((rp.ODE_ERROR, ode), (metric, quality)) for v, xs in per.items() for s, x in enumerate(xs)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("ode, quality, outcome, words", [
+    ({"cd": [0.30, 0.32], "direct_cm": [0.10, 0.11]}, {"cd": [0.010, 0.011], "direct_cm": [0.05, 0.06]},
+     "holds", "lower ODE error but worse w2"),
+    ({"cd": [0.30, 0.32], "direct_cm": [0.10, 0.11]}, {"cd": [0.05, 0.06], "direct_cm": [0.010, 0.011]},
+     "does not hold", "Direct CM has lower ODE error and better w2"),
+    ({"cd": [0.10, 0.11], "direct_cm": [0.30, 0.32]}, {"cd": [0.010, 0.011], "direct_cm": [0.05, 0.06]},
+     "does not hold", "Direct CM has higher ODE error and worse w2"),
+    ({"cd": [0.30, 0.32], "direct_cm": [0.10, 0.11]}, {"cd": [0.010, 0.05], "direct_cm": [0.02, 0.06]},
+     "inconclusive", "w2 difference within seed spread"),
+    ({"cd": [0.30, 0.10], "direct_cm": [0.20, 0.21]}, {"cd": [0.010, 0.05], "direct_cm": [0.02, 0.06]},
+     "inconclusive", "ODE-error and w2 difference within seed spread"),
+    ({"cd": [0.30], "direct_cm": [0.10]}, {"cd": [0.010], "direct_cm": [0.05]},
+     "inconclusive", "fewer than two seeds"),
+    ({"cd": [0.30, 0.32]}, {"cd": [0.010, 0.011]}, "not evaluated", "no Direct CM records"),
+])
+def test_ode_vs_quality_verdict(ode, quality, outcome, words):
+    table, verdicts = rp.ode_vs_quality(_toy(ode, quality))
+    assert len(verdicts) == 1
+    v = verdicts.iloc[0]
+    assert (v["dataset"], v["nfe"], v["quality_metric"], v["outcome"]) == ("gauss1d", 1, "w2", outcome)
+    assert v["verdict"].startswith(outcome) and words in v["verdict"], v["verdict"]
+    assert set(table["variant"]) == set(ode)
+
+
+def test_ode_vs_quality_uses_fd_and_sliced_w2_on_mixtures_and_skips_other_nfe():
+    df = pd.concat([_toy({"cd": [1, 1.1], "direct_cm": [0.5, 0.6]}, {"cd": [1, 1.1], "direct_cm": [2, 2.1]},
+                         metric=m, dataset="ring2d", nfe=n) for m in ("fd", "sliced_w2") for n in (1, 35)])
+    table, verdicts = rp.ode_vs_quality(df)
+    assert list(zip(verdicts["quality_metric"], verdicts["outcome"])) == [("fd", "holds"), ("sliced_w2", "holds")]
+    assert set(table["NFE"]) == {1}
+
+
+def test_no_ode_records_gives_empty_tables_not_blank_ones(tmp_path):
+    fid_only = rp.load_records(FIXTURES).query("dataset == 'cifar10'")
+    paths = rp.write_ode_vs_quality(fid_only, "img", tmp_path)
+    assert "No ode_error records" in (tmp_path / "ode_vs_quality_img.md").read_text()
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+# -------------------------------------------------------------------------------------------- outputs and plots
+def test_report_outputs_depend_only_on_names():
+    out = rp.report_outputs("toy", "results/tables", "results/plots")
+    assert [str(p) for p in out] == [
+        "results/tables/records.csv", "results/tables/summary_toy.csv", "results/tables/summary_toy.md",
+        "results/tables/summary_toy.tex", "results/tables/ode_vs_quality_toy.csv",
+        "results/tables/ode_vs_quality_toy.md", "results/tables/ode_vs_quality_toy.tex",
+        "results/tables/ode_vs_quality_verdicts_toy.csv", "results/plots/toy_metrics.png",
+        "results/plots/toy_training.png", "results/plots/toy_fid_agreement.png", "results/plots/toy_ode_vs_quality.png"]
+
+
+def _run_layout(root: Path) -> list[Path]:
+    """The fixture records as run dirs (runs/{suite}/{dataset}/{variant}/s{seed}/metrics/records.json), each with
+    a short stats.jsonl."""
+    files = []
+    for r in (r for f in FIXTURES for r in json.loads(f.read_text())):
+        run = root / "runs" / r["suite"] / r["dataset"] / r["variant"] / f"s{r['seed']}"
+        f = run / "metrics" / "records.json"
+        if not f.exists():
+            f.parent.mkdir(parents=True)
+            f.write_text("[]")
+            (run / "stats.jsonl").write_text("".join(
+                json.dumps({"step": s, "loss": 1 / (s + 1) - 0.01 * r["seed"], "grad_norm": 0.1 + s / 100,
+                            "lr": 3e-4, "sec_per_kstep": 3.0}) + "\n" for s in range(0, 500, 50)))
+            files.append(f)
+        f.write_text(json.dumps(json.loads(f.read_text()) + [r]))
+    return files
+
+
+def test_report_writes_every_output_with_plots(tmp_path):
+    files = _run_layout(tmp_path / "results")
+    tables, plots = tmp_path / "results" / "tables", tmp_path / "results" / "plots"
+    main(["report", "--suite", "golden", "--records", *map(str, files), "--tables", str(tables),
+          "--plots", str(plots), "--paper-numbers", str(PAPER_NUMBERS)])
+    out = rp.report_outputs("golden", tables, plots)
+    assert all(p.exists() and p.stat().st_size > 0 for p in out)
+    assert all(p.stat().st_size > 10_000 for p in out if p.suffix == ".png")   # real figures, not placeholders
+    assert len(rp.training_curves(rp.load_records(files))) == len(files) * 10 * 2
+    for name in TABLES:                                   # the same tables as from the flat fixture files
+        assert (tables / name).read_bytes() == (GOLDEN / name).read_bytes()
+
+
+def test_placeholder_plots_when_there_is_nothing_to_show(tmp_path):
+    toy = rp.load_records(FIXTURES).query("dataset == 'gauss1d'")
+    rp.plot_fid_agreement(toy, tmp_path / "fid.png")
+    rp.plot_training(toy, tmp_path / "training.png")           # the flat fixture files have no stats.jsonl
+    rp.plot_ode_vs_quality(rp.load_records(FIXTURES).query("dataset == 'cifar10'"), tmp_path / "ode.png")
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("fid.png", "training.png", "ode.png"))
+
+
+def test_paper_datasets_need_the_paper_numbers_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(rp, "_default_paper_numbers", lambda: None)
+    with pytest.raises(ConfigError, match="paper_numbers.yaml not found"):
+        rp.report("golden", FIXTURES, tmp_path / "t", tmp_path / "p")
