@@ -6,11 +6,12 @@ import os
 import sys
 
 from cmbench.config import ConfigError
+from cmbench.errors import MissingWeights
 from cmbench.workflow import Plan
 
 try:
     P = Plan.from_snakemake(config)
-except ConfigError as e:
+except (ConfigError, MissingWeights) as e:   # before any job: a bad config, or FID without its weights
     sys.exit(f"cmbench: config error: {e}")
 os.environ.update(P.launch_env())
 
@@ -22,6 +23,7 @@ wildcard_constraints:
     variant="[A-Za-z0-9_-]+",
     seed=r"\d+",
     nfe=r"\d+",
+    metric="[A-Za-z0-9_-]+",
 
 
 rule all:
@@ -31,13 +33,13 @@ rule all:
 
 rule reference:
     output:
-        f"{P.results}/reference/{{dataset}}-{{key}}.npz",
+        f"{P.results}/reference/{{name}}.npz",
     params:
         args=lambda w, output: P.reference_args(output[0]),
     resources:
         cluster_jobs=1,   # a queued job (capped by the slurm profile)
     log:
-        f"{P.results}/reference/logs/{{dataset}}-{{key}}.log",
+        f"{P.results}/reference/logs/{{name}}.log",
     shell:
         "cmbench launch reference {params.args} > {log} 2>&1"
 
@@ -96,20 +98,22 @@ else:
         shell:
             "cmbench launch sample {params.args} --nfe {wildcards.nfe} > {log} 2>&1"
 
+    # one job per metric set (exact/pixel metrics, each FID library), all reading the same samples
     rule evaluate:
         input:
             samples=f"{RUN}/samples/nfe{{nfe}}.npz",
             reference=P.reference,
         output:
-            f"{RUN}/metrics/nfe{{nfe}}.json",
+            f"{RUN}/metrics/nfe{{nfe}}-{{metric}}.json",
         params:
             args=P.args,
+            metric=P.metric_set,
         resources:
             cluster_jobs=1,   # a queued job (capped by the slurm profile)
         log:
-            f"{RUN}/logs/evaluate-nfe{{nfe}}.log",
+            f"{RUN}/logs/evaluate-nfe{{nfe}}-{{metric}}.log",
         shell:
-            "cmbench launch evaluate {params.args} --nfe {wildcards.nfe} > {log} 2>&1"
+            "cmbench launch evaluate {params.args} --nfe {wildcards.nfe} --metric {params.metric} > {log} 2>&1"
 
     rule collect:
         input:
@@ -124,9 +128,24 @@ else:
             "cmbench launch collect {params.args} > {log} 2>&1"
 
 
+if P.studies():
+
+    # Li, Huang & Wei (2024): CT step count vs dimension on exact Gaussian data (no trained run needed)
+    rule theory:
+        output:
+            P.studies(),
+        params:
+            out=f"{P.results}/studies/theory",
+        log:
+            f"{P.results}/studies/logs/theory.log",
+        shell:
+            "python -m cmbench.studies.theory {params.out} > {log} 2>&1"
+
+
 rule report:
     input:
-        P.record_files(),
+        records=P.record_files(),
+        papers=P.paper_numbers(),
     output:
         P.tables(),
     params:
@@ -135,5 +154,5 @@ rule report:
     log:
         f"{P.results}/tables/logs/report-{P.suite}.log",
     shell:
-        "cmbench report --suite {P.suite} --records {input} --tables {params.tables} "
-        "--plots {params.plots} > {log} 2>&1"
+        "cmbench report --suite {P.suite} --records {input.records} --paper-numbers {input.papers} "
+        "--tables {params.tables} --plots {params.plots} > {log} 2>&1"

@@ -17,6 +17,8 @@ def _run_args(p: argparse.ArgumentParser, nfe: bool = False) -> None:
     p.add_argument("--results", default="results", help="results directory (default: %(default)s)")
     if nfe:
         p.add_argument("--nfe", type=int)
+        p.add_argument("--metric", default="data", help="evaluate/reference: the metric set, 'data' or an FID "
+                       "backend in evaluate.fid (default: %(default)s)")
 
 
 def _resolve(a):
@@ -40,12 +42,13 @@ def cmd_train(a):
 
 def cmd_sample(a):
     from cmbench.sample import sample_run
-    print(sample_run(a.run, a.nfe, a.out))
+    shard, _, shards = a.shard.partition("/")
+    print(sample_run(a.run, a.nfe, a.out, int(shard), int(shards)))
 
 
 def cmd_evaluate(a):
     from cmbench.metrics.evaluate import evaluate_run
-    print(evaluate_run(a.run, a.nfe, a.results))
+    print(evaluate_run(a.run, a.nfe, a.results, a.metric))
 
 
 def cmd_launch(a):
@@ -55,18 +58,18 @@ def cmd_launch(a):
     if a.stage not in RUN_STAGES and a.nfe is None:
         sys.exit(f"cmbench: error: launch {a.stage} needs --nfe")
     launch_cfg = load_launch_config(a.launch_config) if a.launcher == "slurm" else None
-    launch(a.stage, _resolve(a), a.results, a.nfe, a.launcher, launch_cfg)
+    launch(a.stage, _resolve(a), a.results, a.nfe, a.launcher, launch_cfg, a.metric)
 
 
 def cmd_report(a):
     from cmbench.report import report
-    for path in report(a.suite, a.records, a.tables, a.plots):
+    for path in report(a.suite, a.records, a.tables, a.plots, a.paper_numbers):
         print(path)
 
 
 def main(argv=None) -> None:
     from cmbench.config import ConfigError
-    from cmbench.errors import JobFailed, TrainingDiverged
+    from cmbench.errors import JobFailed, MissingWeights, TrainingDiverged
     from cmbench.launch import LAUNCHERS, STAGES
 
     ap = argparse.ArgumentParser(prog="cmbench", description="consistency-model benchmark harness")
@@ -89,22 +92,26 @@ def main(argv=None) -> None:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--nfe", type=int, required=True)
     p.add_argument("--out", default=None, help="output npz (default: RUN/samples/nfeK.npz)")
+    p.add_argument("--shard", default="0/1", metavar="I/K", help="sample block I of K of the seeds (default: all)")
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("evaluate", help="metric records for a run's samples at one NFE")
     p.add_argument("--run", required=True)
     p.add_argument("--nfe", type=int, required=True)
     p.add_argument("--results", default="results")
+    p.add_argument("--metric", default="data", help="'data' or an FID backend in evaluate.fid (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("report", help="collate metric records into tables and plots")
     p.add_argument("--suite", required=True)
     p.add_argument("--records", nargs="+", required=True, help="metric record files (JSON)")
     p.add_argument("--tables", default="results/tables")
     p.add_argument("--plots", default="results/plots")
+    p.add_argument("--paper-numbers", default=None,
+                   help="reported numbers (default: configs/paper_numbers.yaml; needed for cifar10/imagenet64)")
     p.set_defaults(func=cmd_report)
     a = ap.parse_args(argv)
     try:
         a.func(a)
-    except (ConfigError, TrainingDiverged, JobFailed) as e:
+    except (ConfigError, TrainingDiverged, JobFailed, MissingWeights) as e:
         sys.exit(f"cmbench: error: {e}")
 
 

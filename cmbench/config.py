@@ -2,7 +2,8 @@
 
 One schema (the pydantic models below) serves the Snakefile (through cmbench.workflow) and the package.
 Merge order, lowest first: configs/defaults.yaml < datasets/<dataset>.yaml < variants/<variant>.yaml
-< the variant's `per_dataset: {<dataset>: ...}` block < command-line `--set key.path=value`.
+< the variant's `per_kind: {<dataset kind>: ...}` block (e.g. `image`: what changes on images)
+< its `per_dataset: {<dataset>: ...}` block (a paper's settings for that dataset) < `--set key.path=value`.
 """
 from __future__ import annotations
 
@@ -48,10 +49,17 @@ class RunId(Strict):
     seed: Annotated[int, Field(ge=0)]
 
 
-class GaussianData(Strict):
+class ToyData(Strict):
+    dim: PosInt
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.dim,)
+
+
+class GaussianData(ToyData):
     """N(mean, std² I): closed-form score, flow and consistency map (papers.md §8.1)."""
     kind: Literal["gaussian"]
-    dim: PosInt
     mean: float | list[float] = 0.0
     std: PosFloat
 
@@ -62,11 +70,10 @@ class GaussianData(Strict):
         return self
 
 
-class MixtureData(Strict):
+class MixtureData(ToyData):
     """Equal-weight isotropic Gaussian mixture; its flow is integrated exactly in float64 (papers.md §8.3)."""
     kind: Literal["gmm"]
     layout: Literal["ring", "random"]
-    dim: PosInt
     modes: Annotated[int, Field(ge=2)]
     radius: PosFloat = 1.0
     std: PosFloat
@@ -223,10 +230,20 @@ class Sample(Strict):
     sigmas: dict[str, Union[list[PosFloat], Literal["karras"]]] = {"1": [80.0], "2": [80.0, 0.8]}
 
 
+FID_SPECS = ("torch-fidelity", "clean-fid/legacy_tensorflow", "clean-fid/clean")
+
+
 class Evaluate(Strict):
-    ref_n: PosInt = 10_000              # fresh true data for data-space Fréchet / sliced W2
+    ref_n: PosInt = 10_000              # toy: fresh true data for data-space Fréchet / sliced W2
     floor_repeats: PosInt = 5           # draws of n true samples that estimate a metric's sampling-noise floor
     sliced_projections: PosInt = 256
+    pixel_fd: bool = True               # images: Fréchet distance in pixel space (no network; off for 64×64)
+    # images: FID backends, each reading the same sample file (cmbench.metrics.fid); needs Inception weights
+    fid: list[Literal[FID_SPECS]] = []
+    # clean-fid's network: its own TorchScript Inception ("own", as the CM paper's clean-fid numbers) or
+    # torch-fidelity's weights file, so that the two libraries are compared on identical weights
+    cleanfid_network: Literal["own", "torch-fidelity"] = "own"
+    batch: PosInt = 250                 # images per feature-extraction batch
 
 
 class RunConfig(Strict):
@@ -258,9 +275,24 @@ class RunConfig(Strict):
             if sigmas[0] > p.sigma_max or sigmas[-1] <= p.sigma_min or sorted(sigmas, reverse=True) != sigmas:
                 raise ValueError(f"sample.sigmas[{nfe!r}] = {sigmas} must descend within "
                                  f"(sigma_min {p.sigma_min}, sigma_max {p.sigma_max}]")
+        image = isinstance(self.dataset, ImageData)
+        if image != (self.net.name != "mlp"):
+            raise ValueError(f"net '{self.net.name}' does not fit {'image' if image else 'toy'} data "
+                             f"({'unet or adm' if image else 'mlp'} does)")
+        if not image and (self.evaluate.fid or not self.evaluate.pixel_fd):
+            raise ValueError("evaluate.fid and evaluate.pixel_fd are for image data")
+        if image and self.teacher is not None and self.teacher.source == "analytic":
+            raise ValueError("teacher.source 'analytic' needs toy data (image data has no exact denoiser): "
+                             "use source 'run'")
         if "name" not in self.loss or not isinstance(self.loss["name"], str):
             raise ValueError("loss.name is required (a registered loss)")
         return self
+
+    def metric_sets(self) -> list[str]:
+        """What one evaluation job computes, each in its own record file: "data" (exact-ground-truth metrics of
+        toy data, pixel-space FD of images) and each FID backend."""
+        sets = [] if isinstance(self.dataset, ImageData) and not self.evaluate.pixel_fd else ["data"]
+        return sets + list(self.evaluate.fid)
 
     def sigma_list(self, nfe: int) -> list[float]:
         """The explicit, descending σ list of the sampler at this NFE."""
@@ -381,11 +413,15 @@ class Experiment:
         merged = load_yaml(self.root / "defaults.yaml")
         merged = deep_merge(merged, self._named("dataset", dataset))
         variant_cfg = self._named("variant", variant)
-        per_dataset = variant_cfg.pop("per_dataset", None) or {}
-        if not isinstance(per_dataset, dict):
-            raise ConfigError(f"{self.root}/variants/{variant}.yaml: per_dataset must be a mapping of dataset names")
+        blocks = {}
+        for key in ("per_kind", "per_dataset"):
+            blocks[key] = variant_cfg.pop(key, None) or {}
+            if not isinstance(blocks[key], dict):
+                raise ConfigError(f"{self.root}/variants/{variant}.yaml: {key} must be a mapping of "
+                                  f"{'dataset kinds' if key == 'per_kind' else 'dataset names'}")
         merged = deep_merge(merged, variant_cfg)
-        merged = deep_merge(merged, per_dataset.get(dataset) or {})
+        merged = deep_merge(merged, blocks["per_kind"].get((merged.get("dataset") or {}).get("kind")) or {})
+        merged = deep_merge(merged, blocks["per_dataset"].get(dataset) or {})
         merged = deep_merge(merged, overrides or {})
         merged["run"] = {"suite": suite, "dataset": dataset, "variant": variant, "seed": seed}
         try:

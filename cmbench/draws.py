@@ -22,4 +22,5 @@ class Draws:
 
     def multinomial(self, probs: torch.Tensor) -> torch.Tensor:
         """One index per sample of the global batch (with replacement), this rank's entries."""
+        probs = probs.to(self.generator.device)
         return torch.multinomial(probs, self.batch, replacement=True, generator=self.generator)[self.part]

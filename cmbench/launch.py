@@ -23,54 +23,59 @@ LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "R
                "SUSPENDED")
 
 
-def _train(cfg, rdir, results, nfe):
+def _train(cfg, rdir, results, nfe, metric):
     from cmbench.train.loop import train
     train(cfg, rdir)
 
 
-def _sample(cfg, rdir, results, nfe):
+def _sample(cfg, rdir, results, nfe, metric):
+    """One shard per task when the job has several (each task samples a contiguous block of seeds)."""
     from cmbench.sample import sample_run
-    sample_run(rdir, nfe)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    sample_run(rdir, nfe, shard=rank, shards=world)
 
 
-def _evaluate(cfg, rdir, results, nfe):
+def _evaluate(cfg, rdir, results, nfe, metric):
     from cmbench.metrics.evaluate import evaluate_run
-    evaluate_run(rdir, nfe, results)
+    evaluate_run(rdir, nfe, results, metric)
 
 
-def _reference(cfg, rdir, results, nfe):
+def _reference(cfg, rdir, results, nfe, metric):
     from cmbench.metrics.evaluate import build_reference, reference_path
-    build_reference(cfg, nfe, reference_path(cfg, nfe, results))
+    build_reference(cfg, nfe, reference_path(cfg, nfe, results, metric), metric)
 
 
-def _collect(cfg, rdir, results, nfe):
+def _collect(cfg, rdir, results, nfe, metric):
     from cmbench.metrics.evaluate import collect_records
     collect_records(rdir)
 
 
-def _run(cfg, rdir, results, nfe):
+def _run(cfg, rdir, results, nfe, metric):
     """Every stage of a run in one process: on a laptop, starting Python and torch costs more than a toy
     run's sampling and evaluation (DESIGN.md, cost notes)."""
-    _train(cfg, rdir, results, None)
+    _train(cfg, rdir, results, None, None)
     for n in cfg.sample.nfe:
-        _sample(cfg, rdir, results, n)
-        _evaluate(cfg, rdir, results, n)
-    _collect(cfg, rdir, results, None)
+        _sample(cfg, rdir, results, n, None)
+        for m in cfg.metric_sets():
+            _evaluate(cfg, rdir, results, n, m)
+    _collect(cfg, rdir, results, None, None)
 
 
 STAGES = {"train": _train, "sample": _sample, "evaluate": _evaluate, "reference": _reference,
           "collect": _collect, "run": _run}
 RUN_STAGES = ("train", "collect", "run")       # the stages that act on a whole run, not one NFE
+SPLIT_STAGES = ("train", "sample")             # the stages a job may split over several tasks (ranks, shards)
 
 
-def run_stage(stage: str, cfg_json: str, results: str, nfe: int | None) -> None:
+def run_stage(stage: str, cfg_json: str, results: str, nfe: int | None, metric: str = "data") -> None:
     """The job function (importable, so submitit can pickle it). Takes the config as JSON, not as an object."""
     cfg = RunConfig.model_validate_json(cfg_json)
-    STAGES[stage](cfg, paths.run_dir(results, cfg.run), results, nfe)
+    STAGES[stage](cfg, paths.run_dir(results, cfg.run), results, nfe, metric)
 
 
-def job_name(stage: str, nfe: int | None) -> str:
-    return stage if nfe is None else f"{stage}-nfe{nfe}"
+def job_name(stage: str, nfe: int | None, metric: str = "data") -> str:
+    name = stage if nfe is None else f"{stage}-nfe{nfe}"
+    return name if metric == "data" or stage not in ("evaluate", "reference") else f"{name}-{metric.replace('/', '-')}"
 
 
 def job_kind(stage: str, cfg: RunConfig) -> str:
@@ -85,24 +90,24 @@ class StageJob(submitit.helpers.Checkpointable):
     training then resumes from its newest checkpoint, losing at most `train.checkpoint_every` steps.
     With several tasks, each is one torch.distributed rank of a training job (cmbench.train.distributed)."""
 
-    def __call__(self, stage, cfg_json, results, nfe):
+    def __call__(self, stage, cfg_json, results, nfe, metric="data"):
         if submitit.JobEnvironment().num_tasks > 1:
-            if stage != "train":
-                raise ValueError(f"stage {stage!r} runs as one task; only 'train' is split over ranks")
+            if stage not in SPLIT_STAGES:
+                raise ValueError(f"stage {stage!r} runs as one task; only {SPLIT_STAGES} are split over tasks")
             submitit.helpers.TorchDistributedEnvironment().export()
-        run_stage(stage, cfg_json, results, nfe)
+        run_stage(stage, cfg_json, results, nfe, metric)
 
 
 def _slurm_parameters(launch_cfg: LaunchConfig, kind: str) -> dict:
     job = launch_cfg.jobs[kind]
-    tasks = (job.tasks_per_node or max(job.gpus_per_node, 1)) if kind in ("teacher", "train") else 1
+    tasks = (job.tasks_per_node or max(job.gpus_per_node, 1)) if kind in ("teacher", "train", "sample") else 1
     params = {"timeout_min": job.timeout_min, "cpus_per_task": job.cpus_per_task, "mem_gb": job.mem_gb,
               "gpus_per_node": job.gpus_per_node, "tasks_per_node": tasks, "nodes": 1}
     params.update({f"slurm_{k}": v for k, v in (("partition", job.partition), ("account", job.account)) if v})
     return params
 
 
-def _reattach(record: Path, folder: Path, cfg_hash: str):
+def _reattach(record: Path, folder: Path, cfg_hash: str, tasks: int):
     """The job recorded by an earlier launch of this stage, if it is still alive and runs this config;
     otherwise None."""
     if not record.exists():
@@ -110,7 +115,7 @@ def _reattach(record: Path, folder: Path, cfg_hash: str):
     saved = json.loads(record.read_text())
     if saved.get("launcher") != "slurm" or saved.get("config_hash") != cfg_hash:
         return None
-    job = submitit.SlurmJob(folder=folder, job_id=saved["job_id"])
+    job = submitit.SlurmJob(folder=folder, job_id=saved["job_id"], tasks=range(tasks))
     state = job.get_info(mode="force").get("State", "UNKNOWN").split()[0]
     return job if state in LIVE_STATES else None
 
@@ -129,23 +134,25 @@ def _wait(job, poll_s: float) -> None:
 
 
 def launch(stage: str, cfg: RunConfig, results: str | Path, nfe: int | None, launcher: str,
-           launch_cfg: LaunchConfig | None = None) -> None:
+           launch_cfg: LaunchConfig | None = None, metric: str = "data") -> None:
     results = str(results)
     cfg_json = json.dumps(cfg.to_dict())
     if launcher == "inline":
-        return run_stage(stage, cfg_json, results, nfe)
+        return run_stage(stage, cfg_json, results, nfe, metric)
     jobs = paths.run_dir(results, cfg.run) / "jobs"
     jobs.mkdir(parents=True, exist_ok=True)
-    folder, record = jobs / "%j", jobs / f"{job_name(stage, nfe)}.json"
-    job = _reattach(record, folder, cfg.hash) if launcher == "slurm" else None
+    folder, record = jobs / "%j", jobs / f"{job_name(stage, nfe, metric)}.json"
+    slurm = _slurm_parameters(launch_cfg, job_kind(stage, cfg)) if launcher == "slurm" else None
+    tasks = slurm["tasks_per_node"] if slurm else 1
+    job = _reattach(record, folder, cfg.hash, tasks) if slurm else None
     if job is not None:
         print(f"cmbench: re-attaching to job {job.job_id} ({record})", file=sys.stderr)
     else:
         executor = submitit.AutoExecutor(folder=folder, cluster=launcher)
-        executor.update_parameters(name=f"cmbench-{cfg.run.variant}-{job_name(stage, nfe)}")
-        if launcher == "slurm":
-            executor.update_parameters(**_slurm_parameters(launch_cfg, job_kind(stage, cfg)))
-        job = executor.submit(StageJob(), stage, cfg_json, results, nfe)
+        executor.update_parameters(name=f"cmbench-{cfg.run.variant}-{job_name(stage, nfe, metric)}")
+        if slurm:
+            executor.update_parameters(**slurm)
+        job = executor.submit(StageJob(), stage, cfg_json, results, nfe, metric)
         tmp = record.with_name(f".{record.name}.tmp")
         tmp.write_text(json.dumps({"job_id": job.job_id, "launcher": launcher, "config_hash": cfg.hash,
                                    "submitted": time.time()}))
@@ -155,3 +162,6 @@ def launch(stage: str, cfg: RunConfig, results: str | Path, nfe: int | None, lau
         _wait(job, launch_cfg.poll_s)
     else:
         job.results()
+    if stage == "sample" and tasks > 1:
+        from cmbench.sample import merge_shards
+        merge_shards(paths.run_dir(results, cfg.run), nfe, tasks)

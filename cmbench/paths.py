@@ -22,8 +22,18 @@ def samples_file(rdir: Path, nfe: int) -> Path:
     return Path(rdir) / "samples" / f"nfe{nfe}.npz"
 
 
-def metrics_file(rdir: Path, nfe: int) -> Path:
-    return Path(rdir) / "metrics" / f"nfe{nfe}.json"
+def samples_shard(rdir: Path, nfe: int, shard: int, shards: int) -> Path:
+    return Path(rdir) / "samples" / f"nfe{nfe}.shard{shard}of{shards}.npz"
+
+
+def slug(metric_set: str) -> str:
+    """A metric set as a file-name component: 'clean-fid/clean' → 'clean-fid-clean'."""
+    return metric_set.replace("/", "-")
+
+
+def metrics_file(rdir: Path, nfe: int, metric_set: str = "data") -> Path:
+    """The records of one metric set (RunConfig.metric_sets) at one NFE."""
+    return Path(rdir) / "metrics" / f"nfe{nfe}-{slug(metric_set)}.json"
 
 
 def records_file(rdir: Path) -> Path:
@@ -31,6 +41,8 @@ def records_file(rdir: Path) -> Path:
     return Path(rdir) / "metrics" / "records.json"
 
 
-def reference_file(results: str | Path, dataset: str, key: str) -> Path:
-    """Ground truth that depends on the dataset and sampler settings, not on the run: computed once."""
-    return Path(results) / "reference" / f"{dataset}-{key}.npz"
+def reference_file(results: str | Path, dataset: str, key: str, metric_set: str = "data") -> Path:
+    """Ground truth (toy) or reference statistics (images) that depend on the dataset and the metric's
+    settings, not on the run: computed once and shared."""
+    prefix = "" if metric_set == "data" else slug(metric_set) + "-"
+    return Path(results) / "reference" / f"{prefix}{dataset}-{key}.npz"

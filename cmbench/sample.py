@@ -1,4 +1,8 @@
-"""Few-step consistency sampling on an explicit σ list, with per-sample seeds (cmbench.seeds)."""
+"""Few-step consistency sampling on an explicit σ list, with per-sample seeds (cmbench.seeds).
+
+Samples go to an npz: toy runs keep float samples and x_T (evaluation pairs them with the exact flow); image
+runs keep uint8 NHWC `images` (what FID reads; DESIGN.md property 5). A run's seeds can be split into shards
+sampled by several tasks and merged: every sample depends only on its own seed."""
 import hashlib
 import json
 from pathlib import Path
@@ -7,14 +11,19 @@ import numpy as np
 import torch
 
 from cmbench import paths, solvers
-from cmbench.config import load_run_config
+from cmbench.config import ImageData, load_run_config
 from cmbench.nets import build_model
 from cmbench.seeds import initial_noise, sample_seeds, seed_noise
-from cmbench.train import checkpoint
+from cmbench.train import checkpoint, distributed
 
 
 RENOISE = {"cm": lambda sigma, sigma_min: float(np.sqrt(sigma**2 - sigma_min**2)),   # CM Alg. 1, iCT
            "plain": lambda sigma, sigma_min: float(sigma)}                              # ECT, sCM (papers.md §9.8)
+
+
+def model_device(model) -> torch.device:
+    p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -22,30 +31,50 @@ def consistency_sample(model, sigmas: list[float], seeds: np.ndarray, x_t: np.nd
                        batch: int, renoise: str = "cm") -> np.ndarray:
     """CM multistep sampler (Song et al. 2023, Alg. 1): x ← f(x_T, σ_0); for σ_k, k ≥ 1:
     x ← f(x + s_k·z_k, σ_k) with s_k from RENOISE. One step when len(sigmas) == 1."""
-    out = []
+    out, dev = [], model_device(model)
     for lo in range(0, len(seeds), batch):
-        s, x = seeds[lo:lo + batch], torch.from_numpy(x_t[lo:lo + batch])
-        x = model(x, torch.tensor(sigmas[0]))
+        s, x = seeds[lo:lo + batch], torch.from_numpy(x_t[lo:lo + batch]).to(dev)
+        x = model(x, torch.tensor(sigmas[0], device=dev))
         for k, sigma in enumerate(sigmas[1:], start=1):
-            z = torch.from_numpy(seed_noise(s, tuple(x.shape[1:]), k).astype(np.float32))
-            x = model(x + RENOISE[renoise](sigma, sigma_min) * z, torch.tensor(sigma))
-        out.append(x.numpy())
+            z = torch.from_numpy(seed_noise(s, tuple(x.shape[1:]), k).astype(np.float32)).to(dev)
+            x = model(x + RENOISE[renoise](sigma, sigma_min) * z, torch.tensor(sigma, device=dev))
+        out.append(x.cpu().numpy())
     return np.concatenate(out)
 
 
 @torch.no_grad()
 def ode_sample(model, sigmas: list[float], x_t: np.ndarray, batch: int) -> np.ndarray:
     """A denoiser sampled with EDM's deterministic Heun sampler (Alg. 1) over σ list + 0."""
-    return np.concatenate([solvers.sample_ode(model, torch.from_numpy(x_t[lo:lo + batch]), sigmas).numpy()
+    dev = model_device(model)
+    return np.concatenate([solvers.sample_ode(model, torch.from_numpy(x_t[lo:lo + batch]).to(dev), sigmas).cpu().numpy()
                            for lo in range(0, len(x_t), batch)])
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Images in [−1, 1], NCHW float → uint8 NHWC (NVlabs/edm's rounding: (x + 1)·127.5, clipped)."""
+    return np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def sample_run(rdir: Path, nfe: int, out: Path | None = None) -> Path:
-    """Sample a finished run with the sampling EMA; writes an npz with samples, seeds, x_T and the σ list."""
+def shard_seeds(seeds: np.ndarray, shard: int, shards: int) -> np.ndarray:
+    """Contiguous block `shard` of `shards` (merging the blocks in order restores the seed order)."""
+    return np.array_split(seeds, shards)[shard]
+
+
+def _save(out: Path, arrays: dict) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(out)
+    return out
+
+
+def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, shards: int = 1) -> Path:
+    """Sample a finished run with the sampling EMA (its seeds' shard `shard` of `shards`); writes an npz with
+    the samples (or uint8 images), seeds, the σ list and a JSON `meta` describing how they were made."""
     rdir = Path(rdir)
     cfg, final = load_run_config(rdir), checkpoint.load(paths.final_weights(rdir))
     if nfe not in cfg.sample.nfe:
@@ -53,18 +82,40 @@ def sample_run(rdir: Path, nfe: int, out: Path | None = None) -> Path:
     torch.set_num_threads(cfg.train.threads)
     model = build_model(cfg)
     model.load_state_dict(final["ema"])
-    model.eval()
-    sigmas, seeds, x_t, smp = cfg.sigma_list(nfe), sample_seeds(cfg), initial_noise(cfg, nfe), cfg.sample
-    if smp.sampler == "heun":
-        samples = ode_sample(model, sigmas, x_t, smp.batch)
-    else:
-        samples = consistency_sample(model, sigmas, seeds, x_t, cfg.precond.sigma_min, smp.batch, smp.renoise)
-    out = Path(out) if out else paths.samples_file(rdir, nfe)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    model.to(distributed.device()).eval()
+    sigmas, smp, image = cfg.sigma_list(nfe), cfg.sample, isinstance(cfg.dataset, ImageData)
+    seeds = shard_seeds(sample_seeds(cfg), shard, shards)
+    parts = []
+    for lo in range(0, len(seeds), smp.batch):
+        s = seeds[lo:lo + smp.batch]
+        x_t = initial_noise(cfg, nfe, s)
+        if smp.sampler == "heun":
+            x = ode_sample(model, sigmas, x_t, smp.batch)
+        else:
+            x = consistency_sample(model, sigmas, s, x_t, cfg.precond.sigma_min, smp.batch, smp.renoise)
+        parts.append(to_uint8(x) if image else x)
     meta = {"config_hash": cfg.hash, "checkpoint_sha256": file_sha256(paths.final_weights(rdir)),
             "weights": "ema", "nfe": nfe, "sigmas": sigmas, "sigma_min": cfg.precond.sigma_min,
             "sampler": smp.sampler, "renoise": smp.renoise if smp.sampler == "consistency" else None}
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, samples=samples, seeds=seeds, x_t=x_t, sigmas=np.array(sigmas), meta=json.dumps(meta))
-    tmp.replace(out)
+    arrays = {"seeds": seeds, "sigmas": np.array(sigmas), "meta": json.dumps(meta)}
+    if image:
+        arrays["images"] = np.concatenate(parts)
+    else:   # toy: float samples and x_T, which evaluation checks against the cached exact endpoints
+        arrays.update(samples=np.concatenate(parts), x_t=initial_noise(cfg, nfe, seeds))
+    out = Path(out) if out else (paths.samples_file(rdir, nfe) if shards == 1
+                                 else paths.samples_shard(rdir, nfe, shard, shards))
+    return _save(out, arrays)
+
+
+def merge_shards(rdir: Path, nfe: int, shards: int) -> Path:
+    """Concatenate the shards of a sampled run (in seed order) into its samples file; the shards are removed."""
+    files = [paths.samples_shard(rdir, nfe, i, shards) for i in range(shards)]
+    loaded = [np.load(f) for f in files]
+    meta = {str(z["meta"]) for z in loaded}
+    if len(meta) != 1:
+        raise ValueError(f"{rdir}: shards of NFE {nfe} were sampled from different weights or settings")
+    arrays = {k: np.concatenate([z[k] for z in loaded]) for k in loaded[0].files if k not in ("meta", "sigmas")}
+    out = _save(paths.samples_file(rdir, nfe), {**arrays, "sigmas": loaded[0]["sigmas"], "meta": meta.pop()})
+    for f in files:
+        f.unlink()
     return out

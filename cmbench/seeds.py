@@ -14,7 +14,7 @@ def sample_seeds(cfg: RunConfig) -> np.ndarray:
     return np.arange(cfg.sample.seed_start, cfg.sample.seed_start + cfg.sample.n, dtype=np.int64)
 
 
-def initial_noise(cfg: RunConfig, nfe: int) -> np.ndarray:
-    """x_T = σ_0·z for every sample seed, in float32 as the network sees it."""
-    sigma0 = cfg.sigma_list(nfe)[0]
-    return (sigma0 * seed_noise(sample_seeds(cfg), (cfg.dataset.dim,), 0)).astype(np.float32)
+def initial_noise(cfg: RunConfig, nfe: int, seeds: np.ndarray | None = None) -> np.ndarray:
+    """x_T = σ_0·z for the given sample seeds (default: all of the run's), in float32 as the network sees it."""
+    seeds = sample_seeds(cfg) if seeds is None else seeds
+    return (cfg.sigma_list(nfe)[0] * seed_noise(seeds, cfg.dataset.shape, 0)).astype(np.float32)

@@ -27,18 +27,19 @@ class AnalyticTeacher:
 class NetworkTeacher:
     """A trained run's EMA network under its own preconditioning; evaluated without gradients."""
 
-    def __init__(self, rdir: Path):
+    def __init__(self, rdir: Path, device: torch.device | str = "cpu"):
         self.cfg = load_run_config(rdir)
         self.state = checkpoint.load(paths.final_weights(rdir))["ema"]
         self.model = build_model(self.cfg).requires_grad_(False).eval()
         self.model.load_state_dict(self.state)
+        self.model.to(device)
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.model(x, sigma)
 
 
-def build_teacher(cfg: RunConfig, rdir: Path):
+def build_teacher(cfg: RunConfig, rdir: Path, device: torch.device | str = "cpu"):
     if cfg.teacher is None:
         return None
     if cfg.teacher.source == "analytic":
@@ -46,4 +47,4 @@ def build_teacher(cfg: RunConfig, rdir: Path):
     tdir = paths.sibling_run(rdir, cfg.teacher.variant)
     if not paths.final_weights(tdir).exists():
         raise FileNotFoundError(f"teacher run {tdir} has no final.pt: train the '{cfg.teacher.variant}' run first")
-    return NetworkTeacher(tdir)
+    return NetworkTeacher(tdir, device)

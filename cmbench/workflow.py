@@ -14,7 +14,11 @@ def check_run(cfg: RunConfig) -> RunConfig:
     """Checks that need the registries (import torch): the loss name and its parameters. Returns the config
     with the loss's defaults filled in, so that the printed config and its hash say everything."""
     from cmbench import losses
+    from cmbench.config import ImageData
     params = losses.build(cfg).params
+    if isinstance(cfg.dataset, ImageData):
+        from cmbench.data.images import check_image_data
+        check_image_data(cfg.dataset)     # the files exist and have a known layout (not loaded)
     return cfg.model_copy(update={"loss": params.model_dump(mode="json")})
 
 
@@ -29,6 +33,7 @@ class Plan:
     launcher: str
     launch_config: str  # cluster facts per job kind (slurm)
     fuse: bool          # one job per run (train, sample, evaluate); default with the inline launcher
+    _references: dict | None = None
 
     @classmethod
     def from_snakemake(cls, config: dict) -> "Plan":
@@ -64,12 +69,15 @@ class Plan:
         fuse = config.get("fuse", launcher == "inline")
         if not isinstance(fuse, bool):
             raise ConfigError(f"--config fuse must be True or False, got {fuse!r}")
-        return cls(suite, runs, {k: v for k, v in teachers.items() if k not in runs}, results, configs,
+        plan = cls(suite, runs, {k: v for k, v in teachers.items() if k not in runs}, results, configs,
                    overrides, launcher, launch_config, fuse)
+        plan.reference_sources()      # FID reference keys hash the Inception weights: a missing file fails here
+        return plan
 
     # --- targets -------------------------------------------------------------------------------------
     def metric_files(self) -> list[str]:
-        return [str(paths.metrics_file(r, n)) for r, cfg in self.runs.items() for n in cfg.sample.nfe]
+        return [str(paths.metrics_file(r, n, m)) for r, cfg in self.runs.items() for n in cfg.sample.nfe
+                for m in cfg.metric_sets()]
 
     def record_files(self) -> list[str]:
         return [str(paths.records_file(r)) for r in self.runs]
@@ -77,16 +85,27 @@ class Plan:
     def targets(self) -> list[str]:
         """Every run's artifacts, not only the tables: Snakemake does not re-create a deleted intermediate
         whose consumers are up to date, so a deleted final.pt is re-made only if it is a target itself."""
-        runs = [str(paths.final_weights(r)) for r in self.runs]
+        runs = [str(paths.final_weights(r)) for r in self.runs] + self.studies()
         if self.fuse:
             return runs + self.record_files() + self.tables()
         samples = [str(paths.samples_file(r, n)) for r, cfg in self.runs.items() for n in cfg.sample.nfe]
         return runs + samples + self.metric_files() + self.record_files() + self.tables()
 
+    def studies(self) -> list[str]:
+        """The theory study (Li, Huang & Wei 2024 on exact Gaussian CT; cmbench.studies.theory), made with the
+        toy suite: it needs no trained run."""
+        if self.suite != DEFAULT_SUITE:
+            return []
+        out = Path(self.results) / "studies" / "theory"
+        return [str(out / f) for f in ("theory.csv", "theory_slopes.csv", "theory_summary.md",
+                                       "theory_summary.tex", "theory.png")]
+
     def tables(self) -> list[str]:
-        t = Path(self.results) / "tables"
-        return [str(t / "records.csv"), str(t / f"summary_{self.suite}.md"),
-                str(Path(self.results) / "plots" / f"{self.suite}_metrics.png")]
+        from cmbench.report import report_outputs
+        return [str(p) for p in report_outputs(self.suite, Path(self.results) / "tables", Path(self.results) / "plots")]
+
+    def paper_numbers(self) -> str:
+        return str(Path(self.configs) / "paper_numbers.yaml")
 
     # --- per-job values (wildcards → run) ---------------------------------------------------------------
     def run(self, w) -> RunConfig:
@@ -114,29 +133,37 @@ class Plan:
         laptop and the cluster must not re-run finished work (Snakemake re-runs a job whose params change)."""
         return {"CMBENCH_LAUNCHER": self.launcher, "CMBENCH_LAUNCH_CONFIG": self.launch_config}
 
+    def metric_set(self, w) -> str:
+        """The metric set named by a file-name wildcard (cmbench.paths.slug)."""
+        return {paths.slug(m): m for m in self.run(w).metric_sets()}[w.metric]
+
     def reference(self, w) -> str:
         from cmbench.metrics.evaluate import reference_path
-        return str(reference_path(self.run(w), int(w.nfe), self.results))
+        return str(reference_path(self.run(w), int(w.nfe), self.results, self.metric_set(w)))
 
     def references(self, w) -> list[str]:
-        """The cached ground truth of every NFE of a run (the fused job's input)."""
+        """The cached ground truth / reference statistics of every NFE and metric set of a run (the fused
+        job's input)."""
         from cmbench.metrics.evaluate import reference_path
         cfg = self.run(w)
-        return sorted({str(reference_path(cfg, n, self.results)) for n in cfg.sample.nfe})
+        return sorted({str(reference_path(cfg, n, self.results, m)) for n in cfg.sample.nfe
+                       for m in cfg.metric_sets()})
 
     def metric_inputs(self, w) -> list[str]:
         cfg, rdir = self.run(w), paths.run_dir(self.results, self.run(w).run)
-        return [str(paths.metrics_file(rdir, n)) for n in cfg.sample.nfe]
+        return [str(paths.metrics_file(rdir, n, m)) for n in cfg.sample.nfe for m in cfg.metric_sets()]
 
-    def reference_sources(self) -> dict[str, tuple[RunConfig, int]]:
-        """Cached ground-truth file → a (run, NFE) that defines it (runs sharing a key share the file)."""
+    def reference_sources(self) -> dict[str, tuple[RunConfig, int, str]]:
+        """Cached reference file → a (run, NFE, metric set) that defines it (runs sharing a key share it)."""
         from cmbench.metrics.evaluate import reference_path
-        out = {}
-        for cfg in self.runs.values():
-            for n in cfg.sample.nfe:
-                out.setdefault(str(reference_path(cfg, n, self.results)), (cfg, n))
-        return out
+        if self._references is None:
+            self._references = {}
+            for cfg in self.runs.values():
+                for n in cfg.sample.nfe:
+                    for m in cfg.metric_sets():
+                        self._references.setdefault(str(reference_path(cfg, n, self.results, m)), (cfg, n, m))
+        return self._references
 
     def reference_args(self, output: str) -> str:
-        cfg, nfe = self.reference_sources()[output]
-        return f"{self.launch_args(cfg)} --nfe {nfe}"
+        cfg, nfe, metric = self.reference_sources()[output]
+        return f"{self.launch_args(cfg)} --nfe {nfe} --metric {metric}"

@@ -29,7 +29,7 @@ def ct_target_ema(k: int, total: int, s0: int, s1: int, mu0: float, rule: str) -
 def ict_discretization(k: int, total: int, s0: int, s1: int) -> int:
     """Song & Dhariwal 2023 (iCT), exponential curriculum: N(k) = min(s0·2^floor(k/K'), s1) + 1 with
     K' = floor(K / (log2 floor(s1/s0) + 1)) (papers.md §3.1 item 5)."""
-    k_prime = math.floor(total / (math.log2(math.floor(s1 / s0)) + 1))
+    k_prime = max(math.floor(total / (math.log2(math.floor(s1 / s0)) + 1)), 1)   # ≥ 1: runs shorter than the stages
     return min(s0 * 2 ** (k // k_prime), s1) + 1
 
 

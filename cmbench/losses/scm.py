@@ -75,7 +75,9 @@ class SCMLoss(Loss):
         super().__init__(params, cfg, teacher)
         self.sigma_data = cfg.precond.sigma_data
         if params.adaptive_weighting:
-            self.module = AdaptiveWeight(cfg.net.emb_features, cfg.net.emb_max_freq)
+            # toy: the MLP's own time features; images: wider ones (t spans [0, π/2] in either case)
+            emb = (cfg.net.emb_features, cfg.net.emb_max_freq) if cfg.net.name == "mlp" else (64, 16.0)
+            self.module = AdaptiveWeight(*emb)
 
     @classmethod
     def check(cls, params, cfg):

@@ -1,8 +1,10 @@
-"""Toy-suite evaluation: one JSON record per (run, NFE, metric), measured against exact ground truth.
+"""Evaluation: one JSON record per (run, NFE, metric), with everything needed to reproduce the number.
 
-numpy only: never imports torch, train or losses. The ground truth that does not depend on the run (exact
-endpoints Φ(x_T) of the fixed sampling noise, fresh true data, each metric's value for true data) is computed
-once per (dataset, sampler start) and cached under results/reference/ (DESIGN.md, cost notes)."""
+Toy data (numpy only, no torch): metrics against exact ground truth. The ground truth that does not depend on
+the run (exact endpoints Φ(x_T) of the fixed sampling noise, fresh true data, each metric's value for true
+data) is computed once per (dataset, sampler start) and cached under results/reference/ (DESIGN.md, cost
+notes). Images: pixel-space Fréchet distance against cached statistics of the training images, and FID
+through each configured library (cmbench.metrics.fid), all reading the same sample file."""
 import json
 import os
 import time
@@ -12,30 +14,52 @@ from pathlib import Path
 import numpy as np
 
 from cmbench import paths
-from cmbench.config import RunConfig, config_hash, load_run_config
+from cmbench.config import ImageData, RunConfig, config_hash, load_run_config
 from cmbench.data.toy import Gaussian, GaussianMixture, make_toy
 from cmbench.metrics import toy
 from cmbench.seeds import initial_noise, sample_seeds
 
 # Metric keys (module constants, as torch-fidelity). The step count is never part of a key: it is a field.
 W2 = "w2"                        # Gaussian data: W2 of N(sample mean, sample cov) to the exact law
-FD = "fd"                        # squared Fréchet distance in data space to fresh true data
+FD = "fd"                        # squared Fréchet distance in data (pixel) space to true data
 SLICED_W2 = "sliced_w2"          # mixtures: sliced W2 to fresh true data
 NEAR_MODE = "near_mode_fraction" # mixtures: share of samples within the 98.9% radius of a mode
 MODE_COVERAGE_MIN = "mode_coverage_min"  # mixtures: worst mode's near-mode share relative to its weight
 ODE_ERROR = "ode_error"          # mean ||sample − Φ(x_T)||², Φ = exact PF-ODE map from the initial noise
-BACKEND = "cmbench-toy"
+FID = "fid"
+BACKEND = {"toy": "cmbench-toy", "image": "cmbench-pixels"}
 
 
-def reference_key(cfg: RunConfig, nfe: int) -> str:
-    """Everything the cached ground truth depends on, hashed."""
+def is_image(cfg: RunConfig) -> bool:
+    return isinstance(cfg.dataset, ImageData)
+
+
+def _device() -> str:
+    """Feature extraction runs on the GPU when the evaluation job has one."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC → float64 vectors in [−1, 1], the scale the model works at."""
+    return images.reshape(len(images), -1).astype(np.float64) / 127.5 - 1
+
+
+def reference_key(cfg: RunConfig, nfe: int, metric_set: str = "data") -> str:
+    """Everything the cached ground truth or reference statistics depend on, hashed."""
+    if metric_set != "data":
+        from cmbench.metrics import fid
+        return fid.reference_key(cfg.dataset.model_dump(mode="json"), metric_set, cfg.evaluate.cleanfid_network)
+    if is_image(cfg):
+        return config_hash({"dataset": cfg.dataset.model_dump(mode="json"), "n": cfg.sample.n,
+                            "floor_repeats": cfg.evaluate.floor_repeats})
     return config_hash({"dataset": cfg.dataset.model_dump(mode="json"), "sigma_min": cfg.precond.sigma_min,
                         "sigma_start": cfg.sigma_list(nfe)[0], "seed_start": cfg.sample.seed_start,
                         "n": cfg.sample.n, "evaluate": cfg.evaluate.model_dump(mode="json")})
 
 
-def reference_path(cfg: RunConfig, nfe: int, results: str | Path) -> Path:
-    return paths.reference_file(results, cfg.run.dataset, reference_key(cfg, nfe))
+def reference_path(cfg: RunConfig, nfe: int, results: str | Path, metric_set: str = "data") -> Path:
+    return paths.reference_file(results, cfg.run.dataset, reference_key(cfg, nfe, metric_set), metric_set)
 
 
 def distribution_metrics(x: np.ndarray, dist, fresh: np.ndarray, cfg: RunConfig) -> dict[str, float]:
@@ -50,7 +74,23 @@ def distribution_metrics(x: np.ndarray, dist, fresh: np.ndarray, cfg: RunConfig)
     return out
 
 
-def build_reference(cfg: RunConfig, nfe: int, out: Path) -> Path:
+def _save_npz(out: Path, **arrays) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out)
+    return out
+
+
+def build_reference(cfg: RunConfig, nfe: int, out: Path, metric_set: str = "data") -> Path:
+    if metric_set != "data":
+        from cmbench.data import make_data
+        from cmbench.metrics import fid
+        return fid.build_reference(lambda: make_data(cfg.dataset).images_uint8(), metric_set,
+                                   reference_key(cfg, nfe, metric_set), out, device=_device(),
+                                   network=cfg.evaluate.cleanfid_network, batch_size=cfg.evaluate.batch)
+    if is_image(cfg):
+        return build_image_reference(cfg, out)
     dist = make_toy(cfg.dataset.model_dump())
     x_t = initial_noise(cfg, nfe)
     exact = dist.consistency_map(x_t.astype(np.float64), cfg.sigma_list(nfe)[0], cfg.precond.sigma_min)
@@ -59,17 +99,25 @@ def build_reference(cfg: RunConfig, nfe: int, out: Path) -> Path:
     draws = [distribution_metrics(dist.sample(cfg.sample.n, np.random.default_rng([r, 2])), dist, fresh, cfg)
              for r in range(cfg.evaluate.floor_repeats)]
     ideal = {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, x_t=x_t, exact=exact, fresh=fresh, ideal=json.dumps(ideal), key=reference_key(cfg, nfe))
-    os.replace(tmp, out)
-    return out
+    return _save_npz(out, x_t=x_t, exact=exact, fresh=fresh, ideal=json.dumps(ideal), key=reference_key(cfg, nfe))
+
+
+def build_image_reference(cfg: RunConfig, out: Path) -> Path:
+    """Pixel statistics of the training images, and the FD that n images drawn from them score (the floor)."""
+    from cmbench.data import make_data
+    x = pixels(make_data(cfg.dataset).images_uint8())
+    mean, cov = toy.gaussian_fit(x)
+    floor = [toy.frechet_to_stats(x[np.random.default_rng([r, 2]).integers(0, len(x), cfg.sample.n)], mean, cov)
+             for r in range(cfg.evaluate.floor_repeats)]
+    return _save_npz(out, mean=mean, cov=cov, n=len(x), ideal=json.dumps({FD: float(np.mean(floor))}),
+                     key=reference_key(cfg, 0))
 
 
 def collect_records(rdir: Path) -> Path:
-    """One file with the records of every NFE of a run (written atomically)."""
+    """One file with the records of every NFE and metric set of a run (written atomically)."""
     cfg = load_run_config(rdir)
-    records = [r for n in cfg.sample.nfe for r in json.loads(paths.metrics_file(rdir, n).read_text())]
+    records = [r for n in cfg.sample.nfe for m in cfg.metric_sets()
+               for r in json.loads(paths.metrics_file(rdir, n, m).read_text())]
     out = paths.records_file(rdir)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(records, indent=1))
@@ -77,35 +125,63 @@ def collect_records(rdir: Path) -> Path:
     return out
 
 
-def evaluate_run(rdir: Path, nfe: int, results: str | Path) -> Path:
-    """Metric records for the samples of one run at one NFE; builds the reference if it is not cached."""
-    t0 = time.perf_counter()
-    rdir = Path(rdir)
-    cfg = load_run_config(rdir)
-    ref_file = reference_path(cfg, nfe, results)
-    if not ref_file.exists():
-        build_reference(cfg, nfe, ref_file)
-    ref, smp = np.load(ref_file), np.load(paths.samples_file(rdir, nfe))
-    meta = json.loads(str(smp["meta"]))
-    if not (np.array_equal(smp["seeds"], sample_seeds(cfg)) and np.array_equal(smp["x_t"], ref["x_t"])):
-        raise ValueError(f"{paths.samples_file(rdir, nfe)}: seeds or initial noise differ from the reference "
-                         f"{ref_file}; re-sample the run")
+def _toy_values(cfg: RunConfig, nfe: int, smp, ref, ref_file: Path) -> tuple[dict, dict, dict]:
+    if not np.array_equal(smp["x_t"], ref["x_t"]):
+        raise ValueError(f"initial noise differs from the reference {ref_file}; re-sample the run")
     dist, x = make_toy(cfg.dataset.model_dump()), smp["samples"].astype(np.float64)
     values = distribution_metrics(x, dist, ref["fresh"], cfg)
     values[ODE_ERROR] = toy.ode_error(x, ref["exact"])
     ideal = json.loads(str(ref["ideal"]))
-    if nfe == 1 or meta["sampler"] == "heun":
+    if nfe == 1 or json.loads(str(smp["meta"]))["sampler"] == "heun":
         ideal[ODE_ERROR] = 0.0   # a perfect 1-step model, or an exact ODE solver, returns Φ(x_T) itself
-    wall = time.perf_counter() - t0
+    fields = {"n_ref": int(len(ref["fresh"])), "backend": BACKEND["toy"], "mode": "exact ground truth",
+              "feature_extractor": "none (data space)"}
+    return values, ideal, fields
+
+
+def _pixel_values(cfg: RunConfig, smp, ref) -> tuple[dict, dict, dict]:
+    values = {FD: toy.frechet_to_stats(pixels(smp["images"]), ref["mean"], ref["cov"])}
+    fields = {"n_ref": int(ref["n"]), "backend": BACKEND["image"], "mode": "training-set statistics",
+              "feature_extractor": "none (pixel space, [-1, 1])"}
+    return values, json.loads(str(ref["ideal"])), fields
+
+
+def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "data") -> Path:
+    """Metric records for the samples of one run at one NFE and one metric set (RunConfig.metric_sets);
+    builds the reference if it is not cached."""
+    t0 = time.perf_counter()
+    rdir = Path(rdir)
+    cfg = load_run_config(rdir)
+    if metric_set not in cfg.metric_sets():
+        raise ValueError(f"{rdir}: metric set {metric_set!r} is not one of {cfg.metric_sets()}")
+    samples = paths.samples_file(rdir, nfe)
+    ref_file = reference_path(cfg, nfe, results, metric_set)
+    if not ref_file.exists():
+        build_reference(cfg, nfe, ref_file, metric_set)
+    smp = np.load(samples)
+    meta = json.loads(str(smp["meta"]))
+    if not np.array_equal(smp["seeds"], sample_seeds(cfg)):
+        raise ValueError(f"{samples}: its seeds differ from the run's sample.seed_start / sample.n; re-sample it")
+    if metric_set != "data":
+        from cmbench.metrics import fid
+        r = fid.fid_npz(samples, ref_file, metric_set, device=_device(), network=cfg.evaluate.cleanfid_network,
+                        batch_size=cfg.evaluate.batch)
+        values, ideal = {FID: r.pop("value")}, {}
+        fields = {k: r[k] for k in ("backend", "backend_version", "mode", "feature_extractor", "n_ref")}
+    else:
+        ref = np.load(ref_file)
+        values, ideal, fields = (_pixel_values(cfg, smp, ref) if is_image(cfg)
+                                 else _toy_values(cfg, nfe, smp, ref, ref_file))
+        fields["backend_version"] = version("cmbench")
     base = {**cfg.run.model_dump(), "config_hash": cfg.hash, "checkpoint_sha256": meta["checkpoint_sha256"],
             "weights": meta["weights"], "nfe": nfe, "sigmas": meta["sigmas"], "sigma_min": meta["sigma_min"],
-            "sampler": meta["sampler"], "renoise": meta["renoise"], "sample_seed_start": int(smp["seeds"][0]), "n_gen": int(len(x)),
-            "n_ref": int(len(ref["fresh"])), "backend": BACKEND, "backend_version": version("cmbench"),
-            "mode": "exact ground truth", "feature_extractor": "none (data space)",
-            "reference": str(ref["key"]), "wall_time_s": round(wall, 3)}
+            "sampler": meta["sampler"], "renoise": meta["renoise"], "sample_seed_start": int(smp["seeds"][0]),
+            "n_gen": int(len(smp["seeds"])), **fields, "reference": reference_key(cfg, nfe, metric_set),
+            **({"reference_split": "train", "conditional": False} if is_image(cfg) else {}),
+            "wall_time_s": round(time.perf_counter() - t0, 3)}
     records = [{**base, "metric": name, "value": float(v), "ideal": ideal.get(name)}
                for name, v in sorted(values.items())]
-    out = paths.metrics_file(rdir, nfe)
+    out = paths.metrics_file(rdir, nfe, metric_set)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(records, indent=1))

@@ -44,6 +44,16 @@ def frechet_distance(a, b) -> float:
     return _frechet(*_gaussian_fit(_as_2d(a)), *_gaussian_fit(_as_2d(b)))
 
 
+def gaussian_fit(x) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of samples [n, ...] (flattened): the statistics a cached reference keeps."""
+    return _gaussian_fit(_as_2d(x))
+
+
+def frechet_to_stats(x, mean, cov) -> float:
+    """Squared Fréchet distance between the Gaussian fit of samples and given statistics."""
+    return _frechet(*_gaussian_fit(_as_2d(x)), mean, cov)
+
+
 def _w2_sq_1d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exact squared W2 between 1-D empirical measures, one per column of a [n, P] and b [m, P].
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from cmbench import losses, paths
 from cmbench.config import ConfigError, RunConfig
-from cmbench.data.toy import make_toy
+from cmbench.data import make_data
 from cmbench.errors import TrainingDiverged
 from cmbench.nets import build_model
 from cmbench.teacher import build_teacher
@@ -92,11 +92,14 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
     distributed.barrier(world)
     t = cfg.train
     torch.set_num_threads(t.threads)
-    teacher = build_teacher(cfg, rdir)
-    data = make_toy(cfg.dataset.model_dump())
+    dev = distributed.device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    teacher = build_teacher(cfg, rdir, dev)
+    data = make_data(cfg.dataset)
 
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg)
+    model = build_model(cfg).to(dev).train()
     loss_fn = losses.build(cfg, teacher)
     if t.init_from is not None:
         model.load_state_dict(checkpoint.load(t.init_from)["ema"])
@@ -104,9 +107,12 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
         model.load_state_dict(teacher.state)     # same network, other preconditioning (CM code copies it so)
     ema = copy.deepcopy(model).requires_grad_(False)
     target = copy.deepcopy(model).requires_grad_(False) if loss_fn.target_ema(0) is not None else None
+    if loss_fn.module is not None:
+        loss_fn.module.to(dev)
     params = list(model.parameters()) + (list(loss_fn.module.parameters()) if loss_fn.module is not None else [])
     opt = build_optimizer(cfg, params)
-    generator = torch.Generator().manual_seed(cfg.run.seed)   # the data and noise stream: its state is the cursor
+    # the data and noise stream, on the training device: its state is the data cursor
+    generator = torch.Generator(dev).manual_seed(cfg.run.seed)
 
     ckdir = rdir / "checkpoints"
     state, path = checkpoint.load_latest_valid(ckdir)
@@ -153,7 +159,7 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
     with open(stats_path if main else os.devnull, "a") as stats:
         for step in bar:
             opt.zero_grad(set_to_none=True)
-            loss, at_step = torch.zeros(()), generator.get_state()
+            loss, at_step = torch.zeros((), device=dev), generator.get_state()
             for part in parts:          # this rank's micro-batches of the global batch (Draws: same numbers)
                 generator.set_state(at_step)
                 draws = Draws(generator, t.batch, part)
