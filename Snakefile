@@ -17,6 +17,39 @@ os.environ.update(P.launch_env())
 
 RUN = f"{P.results}/runs/{{suite}}/{{dataset}}/{{variant}}/s{{seed}}"
 
+# The HTML report, `snakemake --report results/report.html` (same --config as the run; it runs no job): the
+# CSV tables and PNG plots of SHOWN, each with its caption from report/ (the Markdown and LaTeX copies stay
+# plain outputs). A CSV or PNG output missing from SHOWN stops the workflow while this file is parsed.
+report: "report/workflow.rst"
+
+BENCH, ODE, THEORY = f"Benchmark ({P.suite} suite)", "ODE error vs quality", "Theory study"
+SHOWN = {  # output file name → (category, subcategory, caption file in report/)
+    f"summary_{P.suite}.csv": (BENCH, "Tables", "summary.rst"),
+    "records.csv": (BENCH, "Tables", "records.rst"),
+    f"{P.suite}_metrics.png": (BENCH, "Plots", "metrics.rst"),
+    f"{P.suite}_training.png": (BENCH, "Plots", "training.rst"),
+    f"{P.suite}_fid_agreement.png": (BENCH, "Plots", "fid_agreement.rst"),
+    f"ode_vs_quality_{P.suite}.csv": (ODE, "Tables", "ode_vs_quality.rst"),
+    f"ode_vs_quality_verdicts_{P.suite}.csv": (ODE, "Tables", "ode_vs_quality_verdicts.rst"),
+    f"{P.suite}_ode_vs_quality.png": (ODE, "Plots", "ode_vs_quality_plot.rst"),
+    "theory.csv": (THEORY, "Tables", "theory.rst"),
+    "theory_slopes.csv": (THEORY, "Tables", "theory_slopes.rst"),
+    "theory.png": (THEORY, "Plots", "theory_plot.rst"),
+}
+
+
+def shown(files):
+    """files, with the CSV and PNG ones flagged for the HTML report as SHOWN says."""
+    def flag(f):
+        name = os.path.basename(f)
+        if not name.endswith((".csv", ".png")):
+            return f
+        if name not in SHOWN:
+            sys.exit(f"cmbench: Snakefile: output {name} has no entry in SHOWN (the HTML report)")
+        category, subcategory, caption = SHOWN[name]
+        return report(f, caption=f"report/{caption}", category=category, subcategory=subcategory)
+    return [flag(f) for f in files]
+
 wildcard_constraints:
     suite="[A-Za-z0-9_-]+",
     dataset="[A-Za-z0-9_-]+",
@@ -133,7 +166,7 @@ if P.studies():
     # Li, Huang & Wei (2024): CT step count vs dimension on exact Gaussian data (no trained run needed)
     rule theory:
         output:
-            P.studies(),
+            shown(P.studies()),
         params:
             out=f"{P.results}/studies/theory",
         log:
@@ -147,7 +180,7 @@ rule report:
         records=P.record_files(),
         papers=P.paper_numbers(),
     output:
-        P.tables(),
+        shown(P.tables()),
     params:
         tables=f"{P.results}/tables",
         plots=f"{P.results}/plots",
