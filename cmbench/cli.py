@@ -67,6 +67,14 @@ def cmd_report(a):
         print(path)
 
 
+def cmd_bench(a):
+    from cmbench.bench import run
+    flags = [f"--out {a.out}"] + (["--toy-suite"] if a.toy_suite else []) + (["--quick"] if a.quick else []) + \
+        ([f"--only {','.join(a.only)}"] if a.only else []) + ([f"--repeats {a.repeats}"] if a.repeats else [])
+    for path in run(a.out, a.toy_suite, a.quick, a.configs, a.only, a.repeats, " ".join(["cmbench bench", *flags])):
+        print(path, file=sys.stderr)
+
+
 def main(argv=None) -> None:
     from cmbench.config import ConfigError
     from cmbench.errors import JobFailed, MissingWeights, TrainingDiverged
@@ -108,6 +116,16 @@ def main(argv=None) -> None:
     p.add_argument("--paper-numbers", default=None,
                    help="reported numbers (default: configs/paper_numbers.yaml; needed for cifar10/imagenet64)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("bench", help="harness cost as ratios against baselines timed in the same run "
+                       "(one JSON per benchmark, a Markdown table)")
+    p.add_argument("--out", default="results/bench", help="JSON directory (default: %(default)s)")
+    p.add_argument("--toy-suite", action="store_true", help="also time `snakemake --cores 2 all` end to end (~10 min)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the plumbing, not the speed")
+    p.add_argument("--only", type=lambda s: s.split(","), default=None, metavar="NAME[,NAME]",
+                   help="harness, sct, fid, ode, toy_suite, gpu (default: all; toy_suite needs --toy-suite)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default: 3; --quick: 1)")
+    p.add_argument("--configs", default="configs", help="config directory (default: %(default)s)")
+    p.set_defaults(func=cmd_bench)
     a = ap.parse_args(argv)
     try:
         a.func(a)

@@ -169,10 +169,13 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
                 micro.backward()
                 loss += micro.detach()
             distributed.all_sum([loss] + [p.grad for p in params if p.grad is not None], world)
-            if not torch.isfinite(loss):
+            # the guards read Python floats (loss.item() is logged anyway); get_total_norm is the value
+            # clip_grad_norm_(params, inf) returns, without its multiplication of every gradient by 1.0
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
                 raise diverged(step, "loss", loss)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf)
-            if not torch.isfinite(grad_norm):
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not math.isfinite(grad_norm.item()):
                 raise diverged(step, "gradient norm", grad_norm)
             opt.step()
             with torch.no_grad():
@@ -182,7 +185,7 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
                     mu = loss_fn.target_ema(step)
                     for e, p in zip(target.parameters(), model.parameters()):
                         e.lerp_(p, 1 - mu)
-            loss_sum, n_acc = loss_sum + loss.item(), n_acc + 1
+            loss_sum, n_acc = loss_sum + loss_value, n_acc + 1
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
                 now = time.perf_counter()
