@@ -36,7 +36,8 @@ if not _cluster_up():
 
 DEV = REPO / "configs" / "launch" / "slurm-dev.yaml"
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-LONG = ["train.steps=3000", "train.batch=64", "train.checkpoint_every=200"]
+# long enough (~25 s at ~2 s per 1k steps) to outlast Slurm's 7 s kill grace after a requeue and a Snakemake restart
+LONG = ["train.steps=12000", "train.batch=64", "train.checkpoint_every=200"]
 
 
 def launch_cmd(results, variant="ict", sets=(), stage="train"):
