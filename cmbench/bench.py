@@ -218,7 +218,10 @@ def bench_steps(net: str, sizes: dict, configs, want: set) -> list[dict]:
     suite, dataset, what = NETS[net]
     k, w = sizes[net]
     ict = _resolve(configs, suite, dataset, "ict", {"train": {"steps": k + w}})
-    sct = _resolve(configs, suite, dataset, "sct", {"train": {"steps": k + w}})
+    # sCT on images starts from the suite's trained EDM teacher; its step costs the same from scratch, which
+    # needs no teacher run
+    scratch = {"teacher": None, "precond": {"trigflow_net": "trigflow"}} if net == "unet" else {}
+    sct = _resolve(configs, suite, dataset, "sct", {"train": {"steps": k + w}, **scratch})
     ce, le = ict.train.checkpoint_every, ict.train.log_every
     threads = torch.get_num_threads()
     # untimed warm-up, which also times checkpoint saves of each variant (a save every step)
@@ -226,7 +229,8 @@ def bench_steps(net: str, sizes: dict, configs, want: set) -> list[dict]:
     for name, cfg in (("ict", ict), ("sct", sct)):
         if name == "sct" and "sct" not in want:
             continue
-        short = _resolve(configs, suite, dataset, name, {"train": {"steps": 4, "checkpoint_every": 1}})
+        short = _resolve(configs, suite, dataset, name, {"train": {"steps": 4, "checkpoint_every": 1},
+                                                        **(scratch if name == "sct" else {})})
         save_s[name] = harness_run(short, 0)["save_s"]
     if "harness" in want:
         bare_run(_resolve(configs, suite, dataset, "ict", {"train": {"steps": min(k + w, 20)}}), 0)

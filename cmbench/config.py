@@ -3,7 +3,8 @@
 One schema (the pydantic models below) serves the Snakefile (through cmbench.workflow) and the package.
 Merge order, lowest first: configs/defaults.yaml < datasets/<dataset>.yaml < variants/<variant>.yaml
 < the variant's `per_kind: {<dataset kind>: ...}` block (e.g. `image`: what changes on images)
-< its `per_dataset: {<dataset>: ...}` block (a paper's settings for that dataset) < `--set key.path=value`.
+< its `per_dataset: {<dataset>: ...}` block (a paper's settings for that dataset) < a scale's layers
+(`--config scale=smoke`: configs/scales/smoke.yaml, sizes only) < `--set key.path=value`.
 """
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ class ToyData(Strict):
     def shape(self) -> tuple[int]:
         return (self.dim,)
 
+    @property
+    def conditional(self) -> bool:
+        return False
+
 
 class GaussianData(ToyData):
     """N(mean, std² I): closed-form score, flow and consistency map (papers.md §8.1)."""
@@ -86,6 +91,9 @@ class MixtureData(ToyData):
         return self
 
 
+NUM_CLASSES = {"imagenet64": 1000}     # sources whose labels are wired: class count
+
+
 class ImageData(Strict):
     """Images in [−1, 1], channels first. digits: scikit-learn's 8×8 digits (optionally resized); patches:
     32×32 RGB crops of the photos bundled with scikit-learn and matplotlib (real images with CIFAR's shape);
@@ -97,6 +105,9 @@ class ImageData(Strict):
     path: str | None = None             # cifar10 / imagenet64: the local copy (checked at dry-run time)
     xflip: bool = False                 # random horizontal flips in training (the papers' CIFAR-10 setting)
     size: PosInt | None = None          # patches: how many crops; others: use the first `size` images
+    # class-conditional training and sampling on the dataset's labels (imagenet64: the npz `labels`, as every
+    # ImageNet 64 number of the papers); labels are drawn uniformly per sample seed when sampling
+    conditional: bool = False
 
     @model_validator(mode="after")
     def _source(self):
@@ -106,7 +117,14 @@ class ImageData(Strict):
         if self.channels != fixed[1] or self.resolution != (fixed[0] or self.resolution):
             raise ValueError(f"source '{self.source}' has {fixed[1]} channel(s)"
                              + (f" at resolution {fixed[0]}" if fixed[0] else ""))
+        if self.conditional and self.source not in NUM_CLASSES:
+            raise ValueError(f"source '{self.source}' has no class labels wired (conditional: "
+                             f"{', '.join(NUM_CLASSES)})")
         return self
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.source]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -142,6 +160,7 @@ class UNetNet(Strict):
     num_blocks: PosInt = 4              # residual blocks per resolution (iCT-deep: 8)
     attn_resolutions: list[PosInt] = [16]
     dropout: Dropout = 0.0
+    dropout_res: PosInt | None = None   # dropout only at feature resolutions ≤ this (None: everywhere)
     embedding: Literal["positional", "fourier"] = "positional"
     fourier_scale: PosFloat = 16.0
     channel_mult_noise: PosInt = 1
@@ -159,6 +178,7 @@ class ADMNet(Strict):
     attn_resolutions: list[PosInt] = [32, 16, 8]
     head_channels: PosInt = 64
     dropout: Dropout = 0.1
+    dropout_res: PosInt | None = None   # dropout only at feature resolutions ≤ this (iCT, sCM, ECT on ImageNet 64)
 
 
 Net = Annotated[Union[MLPNet, UNetNet, ADMNet], Field(discriminator="name")]
@@ -168,6 +188,13 @@ class Precond(Strict):
     # cm: EDM scalings shifted so f(x, sigma_min) = x exactly (Song et al. 2023, App. C); edm: unshifted (Karras
     # et al. 2022); trigflow: f(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t) with t = arctan(σ/σ_d) (Lu & Song 2024, §2)
     name: Literal["cm", "edm", "trigflow"] = "cm"
+    # trigflow only: the network is parameterised as trained in TrigFlow (c_noise = t), or as an EDM denoiser's
+    # network (F_trig = −F_edm at c_noise = ¼ ln(σ_d tan t)), so that a trained EDM teacher's weights start the
+    # student exactly (cmbench.nets.precond.TrigFlow)
+    trigflow_net: Literal["trigflow", "edm"] = "trigflow"
+    # c_noise = scale·¼ ln σ: EDM feeds ¼ ln σ to every net; the CM code's ADM (ImageNet 64) gets 1000·¼ ln σ
+    # (papers.md §2.1), which makes its positional embedding 1000× more sensitive to σ
+    c_noise_scale: PosFloat = 1.0
     sigma_data: PosFloat = 0.5
     sigma_min: PosFloat = 0.002
     sigma_max: PosFloat = 80.0
@@ -177,6 +204,10 @@ class Precond(Strict):
     def _ordered(self):
         if not self.sigma_min < self.sigma_max:
             raise ValueError(f"sigma_min {self.sigma_min} must be below sigma_max {self.sigma_max}")
+        if self.trigflow_net != "trigflow" and self.name != "trigflow":
+            raise ValueError(f"trigflow_net is for precond 'trigflow', not {self.name!r}")
+        if self.name == "trigflow" and self.trigflow_net == "trigflow" and self.c_noise_scale != 1:
+            raise ValueError("c_noise_scale scales ¼ ln σ: a TrigFlow net takes c_noise = t")
         return self
 
 
@@ -192,6 +223,9 @@ class Train(Strict):
     batch: PosInt = 512                 # global batch, whatever the number of ranks
     batch_per_device: PosInt | None = None   # micro-batch per rank; the rest is gradient accumulation
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999   # sampling EMA; must suit the run length (calibration.md)
+    # EDM2's power-function EMA with this relative length (Karras et al. 2024, Eq. 3; sCM's ImageNet EMA): when
+    # set, it replaces ema_decay by β_k = (k/(k + 1))^(γ + 1) at step k, γ from σ_rel
+    ema_sigma_rel: Annotated[float, Field(gt=0, lt=0.2886)] | None = None
     checkpoint_every: PosInt = 1000
     keep_checkpoints: PosInt = 2
     log_every: PosInt = 100
@@ -226,6 +260,8 @@ class Sample(Strict):
     # re-noising before step k > 1: cm adds sqrt(σ_k² − σ_min²)·z (CM, iCT); plain adds σ_k·z (ECT; sCM's
     # cos(t)x + sin(t)z in σ-space) — papers.md §9.8
     renoise: Literal["cm", "plain"] = "cm"
+    # clamp each step's denoised image to [−1, 1] before re-noising (the CM code's clip_denoised; ECT's does not)
+    clip_denoised: bool = False
     # NFE → explicit descending σ list; "karras" (heun only) is the precond's Karras grid of (NFE + 1)/2 points
     sigmas: dict[str, Union[list[PosFloat], Literal["karras"]]] = {"1": [80.0], "2": [80.0, 0.8]}
 
@@ -243,7 +279,17 @@ class Evaluate(Strict):
     # clean-fid's network: its own TorchScript Inception ("own", as the CM paper's clean-fid numbers) or
     # torch-fidelity's weights file, so that the two libraries are compared on identical weights
     cleanfid_network: Literal["own", "torch-fidelity"] = "own"
+    # Inception feature dimensions of the FID: 2048 (pool3, every paper's); 64, 192 or 768 (earlier pooled layers
+    # of the same network, on torch-fidelity's network only) make the Fréchet distance cheap for smoke runs
+    fid_dims: Literal[64, 192, 768, 2048] = 2048
     batch: PosInt = 250                 # images per feature-extraction batch
+
+    @model_validator(mode="after")
+    def _dims(self):
+        if self.fid_dims != 2048 and self.cleanfid_network == "own" and any(s.startswith("clean-fid") for s in self.fid):
+            raise ValueError(f"fid_dims {self.fid_dims} runs on torch-fidelity's Inception only: clean-fid's own "
+                             f"network gives 2048-d features (set cleanfid_network: torch-fidelity)")
+        return self
 
 
 class RunConfig(Strict):
@@ -279,8 +325,10 @@ class RunConfig(Strict):
         if image != (self.net.name != "mlp"):
             raise ValueError(f"net '{self.net.name}' does not fit {'image' if image else 'toy'} data "
                              f"({'unet or adm' if image else 'mlp'} does)")
-        if not image and (self.evaluate.fid or not self.evaluate.pixel_fd):
-            raise ValueError("evaluate.fid and evaluate.pixel_fd are for image data")
+        if not image and (self.evaluate.fid or not self.evaluate.pixel_fd or self.sample.clip_denoised):
+            raise ValueError("evaluate.fid, evaluate.pixel_fd and sample.clip_denoised are for image data")
+        if self.dataset.conditional and self.net.name != "adm":
+            raise ValueError(f"conditional data needs the class-conditional net 'adm', not {self.net.name!r}")
         if image and self.teacher is not None and self.teacher.source == "analytic":
             raise ValueError("teacher.source 'analytic' needs toy data (image data has no exact denoiser): "
                              "use source 'run'")
@@ -408,8 +456,22 @@ class Experiment:
             raise ConfigError(f"{path}: no such {kind} (known: {', '.join(known)})")
         return load_yaml(path)
 
-    def resolve(self, suite: str, dataset: str, variant: str, seed: int, overrides: dict | None = None) -> RunConfig:
-        where = f"config {suite}/{dataset}/{variant}/s{seed}"
+    def scale(self, name: str) -> dict:
+        """configs/scales/<name>.yaml: what a scale changes (sizes only), as layers `all`, `per_dataset`,
+        `per_variant` applied in that order above the variant's blocks and below the command line."""
+        data = self._named("scale", name)
+        layers = {"all", "per_dataset", "per_variant"}
+        if set(data) - layers:
+            raise ConfigError(f"{self.root}/scales/{name}.yaml: unknown key(s) {sorted(set(data) - layers)} "
+                              f"(known: {sorted(layers)})")
+        for key in ("per_dataset", "per_variant"):
+            if not isinstance(data.get(key) or {}, dict):
+                raise ConfigError(f"{self.root}/scales/{name}.yaml: {key} must be a mapping")
+        return data
+
+    def resolve(self, suite: str, dataset: str, variant: str, seed: int, overrides: dict | None = None,
+                scale: str | None = None) -> RunConfig:
+        where = f"config {suite}/{dataset}/{variant}/s{seed}" + (f" (scale {scale})" if scale else "")
         merged = load_yaml(self.root / "defaults.yaml")
         merged = deep_merge(merged, self._named("dataset", dataset))
         variant_cfg = self._named("variant", variant)
@@ -422,6 +484,11 @@ class Experiment:
         merged = deep_merge(merged, variant_cfg)
         merged = deep_merge(merged, blocks["per_kind"].get((merged.get("dataset") or {}).get("kind")) or {})
         merged = deep_merge(merged, blocks["per_dataset"].get(dataset) or {})
+        if scale is not None:
+            layers = self.scale(scale)
+            for layer in (layers.get("all"), (layers.get("per_dataset") or {}).get(dataset),
+                          (layers.get("per_variant") or {}).get(variant)):
+                merged = deep_merge(merged, layer or {})
         merged = deep_merge(merged, overrides or {})
         merged["run"] = {"suite": suite, "dataset": dataset, "variant": variant, "seed": seed}
         try:

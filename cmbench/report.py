@@ -276,14 +276,21 @@ def protocol_flag(records: pd.DataFrame, entry: dict) -> str:
             unknown.append("our reference split not recorded")
         elif splits != [p["reference_split"]]:
             bad.append(f"reference {'/'.join(splits)} vs {p['reference_split']}")
+    if "fid_dims" in records and records["fid_dims"].notna().any():
+        dims = sorted({int(d) for d in records["fid_dims"].dropna()} - {2048})
+        if dims:
+            bad.append(f"{'/'.join(map(str, dims))}-d Inception features vs 2048")
+    good = []
     if "conditional" in records and records["conditional"].notna().any():
         ours = {bool(c) for c in records["conditional"].dropna()}
+        word = {True: "conditional", False: "unconditional"}
         if ours != {p["conditional"]}:
-            word = {True: "conditional", False: "unconditional"}
             bad.append(f"{'/'.join(word[c] for c in sorted(ours))} vs {word[p['conditional']]}")
+        elif p["conditional"]:
+            good.append("conditional ✓")     # said out loud: every ImageNet 64 number of the papers is conditional
     if p.get("aggregate"):
         bad.append(f"paper: {p['aggregate']}, ours: mean over seeds")
-    return "; ".join([f"✗ {b}" for b in bad] + [f"? {u}" for u in unknown]) or "✓"
+    return "; ".join([f"✗ {b}" for b in bad] + [f"? {u}" for u in unknown] + good) or "✓"
 
 
 def _paper_cell(entry: dict) -> str:

@@ -13,7 +13,7 @@ import torch
 from cmbench import paths, solvers
 from cmbench.config import ImageData, load_run_config
 from cmbench.nets import build_model
-from cmbench.seeds import initial_noise, sample_seeds, seed_noise
+from cmbench.seeds import initial_noise, sample_seeds, seed_labels, seed_noise
 from cmbench.train import checkpoint, distributed
 
 
@@ -26,27 +26,38 @@ def model_device(model) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _batch_labels(labels: np.ndarray | None, lo: int, batch: int, dev) -> torch.Tensor | None:
+    return None if labels is None else torch.from_numpy(labels[lo:lo + batch]).to(dev)
+
+
 @torch.no_grad()
 def consistency_sample(model, sigmas: list[float], seeds: np.ndarray, x_t: np.ndarray, sigma_min: float,
-                       batch: int, renoise: str = "cm") -> np.ndarray:
+                       batch: int, renoise: str = "cm", clip_denoised: bool = False,
+                       labels: np.ndarray | None = None) -> np.ndarray:
     """CM multistep sampler (Song et al. 2023, Alg. 1): x ← f(x_T, σ_0); for σ_k, k ≥ 1:
-    x ← f(x + s_k·z_k, σ_k) with s_k from RENOISE. One step when len(sigmas) == 1."""
+    x ← f(x + s_k·z_k, σ_k) with s_k from RENOISE. One step when len(sigmas) == 1. clip_denoised clamps each
+    denoised image to [−1, 1] before it is re-noised, as the CM code's sampler does (its final clamp is the
+    uint8 conversion's)."""
     out, dev = [], model_device(model)
     for lo in range(0, len(seeds), batch):
         s, x = seeds[lo:lo + batch], torch.from_numpy(x_t[lo:lo + batch]).to(dev)
-        x = model(x, torch.tensor(sigmas[0], device=dev))
+        y = _batch_labels(labels, lo, batch, dev)
+        x = model(x, torch.tensor(sigmas[0], device=dev), y)
         for k, sigma in enumerate(sigmas[1:], start=1):
+            if clip_denoised:
+                x = x.clamp(-1, 1)
             z = torch.from_numpy(seed_noise(s, tuple(x.shape[1:]), k).astype(np.float32)).to(dev)
-            x = model(x + RENOISE[renoise](sigma, sigma_min) * z, torch.tensor(sigma, device=dev))
+            x = model(x + RENOISE[renoise](sigma, sigma_min) * z, torch.tensor(sigma, device=dev), y)
         out.append(x.cpu().numpy())
     return np.concatenate(out)
 
 
 @torch.no_grad()
-def ode_sample(model, sigmas: list[float], x_t: np.ndarray, batch: int) -> np.ndarray:
+def ode_sample(model, sigmas: list[float], x_t: np.ndarray, batch: int, labels: np.ndarray | None = None) -> np.ndarray:
     """A denoiser sampled with EDM's deterministic Heun sampler (Alg. 1) over σ list + 0."""
     dev = model_device(model)
-    return np.concatenate([solvers.sample_ode(model, torch.from_numpy(x_t[lo:lo + batch]).to(dev), sigmas).cpu().numpy()
+    return np.concatenate([solvers.sample_ode(model, torch.from_numpy(x_t[lo:lo + batch]).to(dev), sigmas,
+                                              labels=_batch_labels(labels, lo, batch, dev)).cpu().numpy()
                            for lo in range(0, len(x_t), batch)])
 
 
@@ -74,7 +85,8 @@ def _save(out: Path, arrays: dict) -> Path:
 
 def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, shards: int = 1) -> Path:
     """Sample a finished run with the sampling EMA (its seeds' shard `shard` of `shards`); writes an npz with
-    the samples (or uint8 images), seeds, the σ list and a JSON `meta` describing how they were made."""
+    the samples (or uint8 images), seeds, class labels (conditional data: one per seed), the σ list and a JSON
+    `meta` describing how they were made."""
     rdir = Path(rdir)
     cfg, final = load_run_config(rdir), checkpoint.load(paths.final_weights(rdir))
     if nfe not in cfg.sample.nfe:
@@ -85,19 +97,25 @@ def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, sh
     model.to(distributed.device()).eval()
     sigmas, smp, image = cfg.sigma_list(nfe), cfg.sample, isinstance(cfg.dataset, ImageData)
     seeds = shard_seeds(sample_seeds(cfg), shard, shards)
+    labels = seed_labels(seeds, cfg.dataset.num_classes) if cfg.dataset.conditional else None
     parts = []
     for lo in range(0, len(seeds), smp.batch):
-        s = seeds[lo:lo + smp.batch]
+        s, y = seeds[lo:lo + smp.batch], None if labels is None else labels[lo:lo + smp.batch]
         x_t = initial_noise(cfg, nfe, s)
         if smp.sampler == "heun":
-            x = ode_sample(model, sigmas, x_t, smp.batch)
+            x = ode_sample(model, sigmas, x_t, smp.batch, y)
         else:
-            x = consistency_sample(model, sigmas, s, x_t, cfg.precond.sigma_min, smp.batch, smp.renoise)
+            x = consistency_sample(model, sigmas, s, x_t, cfg.precond.sigma_min, smp.batch, smp.renoise,
+                                   smp.clip_denoised, y)
         parts.append(to_uint8(x) if image else x)
+    consistency = smp.sampler == "consistency"
     meta = {"config_hash": cfg.hash, "checkpoint_sha256": file_sha256(paths.final_weights(rdir)),
             "weights": "ema", "nfe": nfe, "sigmas": sigmas, "sigma_min": cfg.precond.sigma_min,
-            "sampler": smp.sampler, "renoise": smp.renoise if smp.sampler == "consistency" else None}
+            "sampler": smp.sampler, "renoise": smp.renoise if consistency else None,
+            "clip_denoised": smp.clip_denoised if consistency else None, "conditional": cfg.dataset.conditional}
     arrays = {"seeds": seeds, "sigmas": np.array(sigmas), "meta": json.dumps(meta)}
+    if labels is not None:
+        arrays["labels"] = labels
     if image:
         arrays["images"] = np.concatenate(parts)
     else:   # toy: float samples and x_T, which evaluation checks against the cached exact endpoints

@@ -10,6 +10,16 @@ def seed_noise(seeds: np.ndarray, shape: tuple, stream: int) -> np.ndarray:
     return np.stack([np.random.default_rng([int(s), stream]).standard_normal(shape) for s in seeds])
 
 
+LABEL_STREAM = 2**32 - 1      # the stream of a seed's class label: no sampling step uses it
+
+
+def seed_labels(seeds: np.ndarray, num_classes: int) -> np.ndarray:
+    """One class label per sample seed, uniform over the classes (EDM's generate.py draws them per seed too):
+    a conditional sample set is reproducible from its seeds alone."""
+    return np.array([np.random.default_rng([int(s), LABEL_STREAM]).integers(num_classes) for s in seeds],
+                    dtype=np.int64)
+
+
 def sample_seeds(cfg: RunConfig) -> np.ndarray:
     return np.arange(cfg.sample.seed_start, cfg.sample.seed_start + cfg.sample.n, dtype=np.int64)
 

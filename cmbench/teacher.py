@@ -19,7 +19,7 @@ class AnalyticTeacher:
     def __init__(self, cfg: RunConfig):
         self.dist = make_toy(cfg.dataset.model_dump())
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels: None = None) -> torch.Tensor:
         d = self.dist.denoiser(x.detach().double().cpu().numpy(), sigma.detach().double().cpu().numpy())
         return torch.from_numpy(d).to(x.device, x.dtype)
 
@@ -35,8 +35,8 @@ class NetworkTeacher:
         self.model.to(device)
 
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return self.model(x, sigma)
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x, sigma, labels)
 
 
 def build_teacher(cfg: RunConfig, rdir: Path, device: torch.device | str = "cpu"):

@@ -279,3 +279,32 @@ def test_bad_inputs():
         fid.as_rgb(np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="C = 1 or 3"):
         fid.as_rgb(np.zeros((2, 8, 8, 4), np.uint8))
+
+
+def test_pooled_64d_features_agree_across_libraries_and_match_torch_fidelity(sets):
+    """The smoke scale's FID: torch-fidelity's own 64-d feature (MaxPool_1, averaged) and clean-fid running
+    torch-fidelity's trunk up to the same layer agree; the reference key and the record say 64-d."""
+    import torch
+    from torch_fidelity.utils import create_feature_extractor
+    ours = fid.features(sets["a"], "torch-fidelity", dims=64)
+    net = create_feature_extractor(fid.TF_EXTRACTOR, ["64"], cuda=False,
+                                   feature_extractor_weights_path=str(fid.tf_weights_path()), verbose=False)
+    with torch.no_grad():
+        theirs = net(torch.from_numpy(sets["a"].transpose(0, 3, 1, 2).copy()))[0].numpy()
+    assert ours.shape == (N, 64) and np.array_equal(ours, theirs.astype(np.float64))
+    legacy = fid.features(sets["a"], "clean-fid/legacy_tensorflow", network="torch-fidelity", dims=64)
+    np.testing.assert_allclose(legacy, ours, rtol=1e-4, atol=1e-5)
+    values = {}
+    for spec in ("torch-fidelity", "clean-fid/legacy_tensorflow"):
+        ref = fid.reference_stats(lambda: sets["b"], spec, TF_REFERENCE_KEY, sets["cache"], network="torch-fidelity",
+                                  dims=64)
+        assert fid.load_reference(ref)["fields"]["dims"] == 64
+        rec = fid.fid_npz(sets["a_npz"], ref, spec, network="torch-fidelity", dims=64)
+        assert rec["fid_dims"] == 64 and "(64-d)" in rec["feature_extractor"]
+        values[spec] = rec["value"]
+        with pytest.raises(ValueError, match="64-d"):        # a 64-d reference never serves a 2048-d FID
+            fid.fid_npz(sets["a_npz"], ref, spec, network="torch-fidelity")
+    assert values["torch-fidelity"] > 0
+    assert abs(values["torch-fidelity"] - values["clean-fid/legacy_tensorflow"]) < 1e-4 * values["torch-fidelity"]
+    with pytest.raises(ValueError, match="2048-d features only"):
+        fid.features(sets["a"], "clean-fid/clean", dims=64)

@@ -39,7 +39,7 @@ class ExactGaussian(torch.nn.Module):
         super().__init__()
         self.mu, self.s, self.eps = mu, s, eps
 
-    def forward(self, x, sigma):
+    def forward(self, x, sigma, labels=None):
         x = x.double()
         return self.mu + (x - self.mu) * np.sqrt(self.s**2 + self.eps**2) / (self.s**2 + sigma.double() ** 2).sqrt()
 
@@ -61,3 +61,22 @@ def test_exact_model_reproduces_the_analytic_sample_law(sigmas):
     se = np.sqrt(var / n)
     assert abs(out.mean() - mean) < 5 * se
     assert abs(out.var() - var) < 5 * var * np.sqrt(2 / n)
+
+
+class Overshoot(torch.nn.Module):
+    """Denoises to 3·x clipped at ±4: outside [−1, 1], so a clamp before re-noising shows in the output."""
+
+    def forward(self, x, sigma, labels=None):
+        return (3 * x).clamp(-4, 4) if float(sigma.reshape(-1)[0]) > 50 else x
+
+
+def test_clip_denoised_clamps_before_renoising():
+    """CM's sampler (clip_denoised) clamps each step's denoised image to [−1, 1] before adding the next step's
+    noise; without the clamp the overshoot is carried into the second step."""
+    seeds = np.arange(64)
+    x_t = 80 * seed_noise(seeds, (1, 2, 2), 0).astype(np.float32)
+    clipped = consistency_sample(Overshoot(), [80.0, 0.5], seeds, x_t, 0.002, 64, "plain", clip_denoised=True)
+    plain = consistency_sample(Overshoot(), [80.0, 0.5], seeds, x_t, 0.002, 64, "plain")
+    z = 0.5 * seed_noise(seeds, (1, 2, 2), 1).astype(np.float32)
+    np.testing.assert_allclose(clipped, np.clip(np.clip(3 * x_t, -4, 4), -1, 1) + z, atol=1e-6)
+    np.testing.assert_allclose(plain, np.clip(3 * x_t, -4, 4) + z, atol=1e-6)

@@ -71,7 +71,7 @@ def test_teacher_velocity_matches_gaussian_closed_form():
     dist = Gaussian(MEAN, STD)
     t = torch.linspace(0.01, 1.56, 50, dtype=torch.float64)
     x_t = torch.tensor(MEAN, dtype=torch.float64) * t.cos()[:, None] + torch.randn(50, 2, dtype=torch.float64)
-    denoise = lambda x, sigma: torch.from_numpy(dist.denoiser(x.numpy(), sigma.numpy()))
+    denoise = lambda x, sigma, labels=None: torch.from_numpy(dist.denoiser(x.numpy(), sigma.numpy()))
     v = teacher_velocity(denoise, x_t, t, SD)
     assert (v - gaussian_velocity(x_t, t)).abs().max().item() < 1e-10
 

@@ -123,3 +123,15 @@ def test_metrics_module_does_not_import_torch():
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_frechet_to_stats_low_rank_path_equals_the_full_formula():
+    """Fewer samples than dimensions: the n × n form of the trace term gives the full d × d formula's value."""
+    rng = np.random.default_rng(0)
+    for d, n in [(3, 2), (40, 10), (200, 50)]:
+        ref = rng.standard_normal((d + 30, d)) @ (0.3 * rng.standard_normal((d, d)))
+        mean, cov = ref.mean(0), np.cov(ref, rowvar=False)
+        x = 0.5 + rng.standard_normal((n, d))
+        full = toy_metrics._frechet(*toy_metrics._gaussian_fit(x), mean, cov)
+        assert toy_metrics.frechet_to_stats(x, mean, cov) == pytest.approx(full, rel=1e-7)
+    assert toy_metrics.frechet_to_stats(ref[:5], mean, cov) > 0

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,8 +90,8 @@ class Poisoned:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, model, target, x0, step, generator):
-        out = self.inner(model, target, x0, step, generator)
+    def __call__(self, model, target, x0, step, generator, labels=None):
+        out = self.inner(model, target, x0, step, generator, labels)
         if step == self.step:
             p = next(model.parameters())
             out = out * float("nan") if self.where == "loss" else out + (p * 0).sqrt().sum()  # d√0 = inf·0 = nan
@@ -125,3 +126,22 @@ def test_changed_config_sets_old_checkpoints_aside(tmp_path, capsys):
     assert sorted(p.name for p in (rdir / f"checkpoints-{cfg.hash}").iterdir()) == old     # kept, untouched
     assert (rdir / f"stats-{cfg.hash}.jsonl").exists() and (rdir / f"final-{cfg.hash}.pt").exists()
     assert checkpoint.load(paths.final_weights(rdir))["config_hash"] == other.hash
+
+
+def test_power_function_ema_is_edm2s_profile():
+    """EDM2's power-function EMA (Karras et al. 2024, Eq. 3): γ solves σ_rel = sqrt((γ + 1)/((γ + 2)²(γ + 3))), and
+    the recursion with β_k = (k/(k + 1))^(γ + 1) averages iterate i with weight i^(γ+1) − (i − 1)^(γ+1) exactly
+    (the integral of t^γ over its step); β_0 = 0, so the average starts at the first iterate."""
+    from types import SimpleNamespace
+    g = loop.power_ema_gamma(0.05)
+    assert np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))) == pytest.approx(0.05, rel=1e-12)
+    t = SimpleNamespace(ema_decay=0.999)
+    assert loop.ema_beta(t, 7, None) == 0.999 and loop.ema_beta(t, 0, g) == 0.0
+    theta = np.random.default_rng(0).standard_normal(50)
+    avg = 0.0
+    for step, th in enumerate(theta):
+        b = loop.ema_beta(t, step, g)
+        avg = b * avg + (1 - b) * th
+    i = np.arange(1, 51)
+    w = i ** (g + 1) - (i - 1) ** (g + 1)
+    assert avg == pytest.approx((w * theta).sum() / w.sum(), rel=1e-10)

@@ -115,3 +115,24 @@ def test_bad_configs_are_refused():
         SongUNet(12, 1, 1, model_channels=32, channel_mult=(1, 1, 1, 1), num_blocks=1)
     with pytest.raises(ValueError, match="square"):
         build_unet(UNetNet(name="unet"), (3, 32, 16))
+
+
+def test_dropout_only_at_low_resolutions():
+    """iCT, sCM and ECT on ImageNet 64 apply dropout only at feature resolutions ≤ 16: the ADM built with
+    dropout_res 16 has p > 0 exactly in its 16×16 and 8×8 blocks."""
+    net = ADMUNet(64, 3, 3, model_channels=16, num_blocks=1, head_channels=16, dropout=0.45, dropout_res=16)
+    dropouts = {n: m for n, m in net.named_modules() if isinstance(m, torch.nn.Dropout)}
+    res = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            res[name] = output.shape[-1]
+        return hook
+
+    for n, m in dropouts.items():
+        m.register_forward_hook(record(n))
+    with torch.no_grad():
+        net.eval()(torch.randn(1, 3, 64, 64), torch.zeros(1))
+    assert set(res) == set(dropouts)
+    assert all((m.p == 0.45) == (res[n] <= 16) and m.p in (0.0, 0.45) for n, m in dropouts.items())
+    assert {res[n] for n, m in dropouts.items() if m.p > 0} == {16, 8}

@@ -29,7 +29,7 @@ class ExactTeacher:
     """The closed-form denoiser of N(0.3, 0.5²) in torch float64."""
     mu, s = 0.3, 0.5
 
-    def denoise(self, x, sigma):
+    def denoise(self, x, sigma, labels=None):
         return self.mu + self.s**2 / (self.s**2 + sigma[:, None] ** 2) * (x - self.mu)
 
 
@@ -134,9 +134,38 @@ def test_analytic_teacher_is_the_exact_denoiser():
     ("ect", {"teacher": {"variant": None}}, "needs teacher.variant"),
     ("cd", {"teacher": {"source": "analytic", "init_student": True}}, "takes neither"),
     ("direct_cm", {"loss": {"mu": 0.5}}, "mu"),
-    ("scd", {"teacher": {"source": "run", "variant": "edm", "init_student": True}}, "TrigFlow student"),
+    ("scd", {"teacher": {"source": "run", "variant": "edm", "init_student": True}}, "trigflow_net 'edm'"),
 ])
 def test_impossible_variant_configs(variant, overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
         resolve(variant, overrides=overrides)
     assert "\n" not in str(e.value)
+
+
+def test_ect_target_runs_on_the_whole_batch_and_is_x0_where_r_is_0():
+    """ECT's code computes the target network on the full batch (so dropout masks line up) and keeps x0 where
+    r = 0; the network is never evaluated at r = 0 (c_noise = ¼ ln 0)."""
+    loss, cfg = build("ect")
+    x0 = torch.linspace(-1, 1, 64, dtype=torch.float64)[:, None]
+    model = Recorder()
+    per_sample = loss(model, model, x0, 0, torch.Generator().manual_seed(4))    # stage 0: r = 0 for t ≤ ln 7
+    (x_t, t, _), (x_r, r_net, grad) = model.calls
+    r = loss.r_of_t(t, 0)
+    assert not grad and len(r_net) == 64 and (r == 0).any() and (r > 0).any()
+    assert torch.equal(r_net, torch.where(r > 0, r, t)) and (r_net > 0).all()
+    tgt = torch.where((r > 0)[:, None], 0.5 * r_net[:, None] * x_r, x0)
+    c = cfg.loss["huber_c"]
+    hand = ((((0.5 * t[:, None] * x_t - tgt) ** 2).sum(1) + c * c).sqrt() - c) / (t - r)
+    assert torch.allclose(per_sample, hand, rtol=1e-10)
+
+
+def test_sqrt_distance_has_zero_gradient_where_the_residual_is_zero():
+    """ECT's c = 0 (sqrt Δ): where online and target agree exactly the gradient is 0 instead of NaN (0/0), and the
+    other samples' gradients are sqrt's own."""
+    a = torch.tensor([[1.0, 2.0], [0.5, -0.5], [3.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    d = pieces.pseudo_huber(a, b, 0.0)
+    assert torch.allclose(d, (a - b).norm(dim=1))
+    d.sum().backward()
+    assert torch.isfinite(a.grad).all() and torch.equal(a.grad[0], torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(a.grad[1:], ((a - b) / (a - b).norm(dim=1, keepdim=True))[1:].detach())

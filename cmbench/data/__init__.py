@@ -1,5 +1,6 @@
 """Training data: toy laws with exact ground truth (cmbench.data.toy) and image sets (cmbench.data.images).
-Both give `sample_torch(n, generator)`: a batch drawn with the run's generator (the data cursor)."""
+Both give `sample_batch(n, generator)`: a batch drawn with the run's generator (the data cursor) and its class
+labels (None without them)."""
 from cmbench.config import ImageData
 
 

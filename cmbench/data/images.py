@@ -32,7 +32,9 @@ Sources (cmbench.config.ImageData.source):
   train_data_batch_1.npz … train_data_batch_10.npz (each with `data` [n, 12288] uint8 CHW-flattened and
   `labels`), a single .npz in that layout (`data`) or with `images` [N, 64, 64, 3], or an image folder as
   above. All 1,281,167 training images take 15.7 GB of RAM as uint8, plus one batch file (~1.6 GB) while
-  loading: fine on a cluster node, not on a laptop (use cfg.size to take fewer).
+  loading: fine on a cluster node, not on a laptop (use cfg.size to take fewer). With cfg.conditional the
+  class labels come from each npz's `labels` (the release's 1..1000, mapped to 0..999; any other value is an
+  error); an image folder carries no labels.
 
 cfg.size takes the first `size` images (patches: the number of crops); asking for more than there are is an
 error. Relative paths are relative to the working directory; `~` is expanded. Loading errors and dry-run check
@@ -83,15 +85,20 @@ def _one_line(e: BaseException) -> str:
 
 
 class ImageDataset:
-    """Images held once in memory as uint8 [N, H, W, C]; batches come out as float32 [n, C, H, W] in [−1, 1]."""
+    """Images held once in memory as uint8 [N, H, W, C]; batches come out as float32 [n, C, H, W] in [−1, 1],
+    with their class labels (int64 [n]) when the dataset has them."""
 
-    def __init__(self, images: np.ndarray, xflip: bool = False, info: dict | None = None):
+    def __init__(self, images: np.ndarray, xflip: bool = False, info: dict | None = None,
+                 labels: np.ndarray | None = None):
         import torch
 
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {list(images.shape)}")
+        if labels is not None and labels.shape != (len(images),):
+            raise ValueError(f"labels must be [N] for {len(images)} images, got {list(labels.shape)}")
         self._images = np.ascontiguousarray(images)
         self._torch = torch.from_numpy(self._images)      # shares memory with the numpy array
+        self.labels = None if labels is None else torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
         self.xflip = bool(xflip)
         self.info = dict(info or {})
         _, h, w, c = self._images.shape
@@ -111,8 +118,9 @@ class ImageDataset:
         view.flags.writeable = False
         return view
 
-    def sample_torch(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n images drawn uniformly with replacement, float32 [n, C, H, W] in [−1, 1] on generator.device.
+    def sample_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """n images drawn uniformly with replacement, float32 [n, C, H, W] in [−1, 1] on generator.device, and
+        their labels (int64 [n], or None without labels).
 
         All randomness comes from `generator`, on its device: first the n indices (torch.randint); then, only
         when xflip is on, n flip bits (torch.randint over {0, 1}), each flipping its image horizontally. So
@@ -128,7 +136,12 @@ class ImageDataset:
         x = x.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
         if flip is not None:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x
+        labels = None if self.labels is None else self.labels.index_select(0, idx.cpu()).to(device)
+        return x, labels
+
+    def sample_torch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The images of sample_batch."""
+        return self.sample_batch(n, generator)[0]
 
 
 # ---------------------------------------------------------------------------------------------- array checks
@@ -228,6 +241,35 @@ def _load_npz_files(paths: list[Path], keys, res: int, ch: int, size: int | None
         i += k
         del arr
     return out
+
+
+IMAGENET_CLASSES = 1000
+
+
+def _load_npz_labels(paths: list[Path], n: int, where: str) -> np.ndarray:
+    """The first n class labels of the npz files' `labels` (downsampled ImageNet's 1..1000) as int64 0..999."""
+    parts, got = [], 0
+    for p in paths:
+        if got >= n:
+            break
+        arr = np.asarray(_npz_array(p, "labels")).reshape(-1)
+        parts.append(arr[:n - got])
+        got += len(parts[-1])
+    labels = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+    if len(labels) != n:
+        raise ConfigError(f"{where}: {len(labels)} labels for {n} images")
+    if len(labels) and (labels.min() < 1 or labels.max() > IMAGENET_CLASSES):
+        raise ConfigError(f"{where}: labels span {labels.min()}..{labels.max()}, expected the release's "
+                          f"1..{IMAGENET_CLASSES}")
+    return labels - 1
+
+
+def _check_npz_labels(path: Path, headers: dict, count: int) -> None:
+    if "labels" not in headers:
+        raise ConfigError(f"{path}: conditional data needs 'labels' (npz has {sorted(headers)})")
+    shape = headers["labels"][0]
+    if len(shape) != 1 or shape[0] != count or headers["labels"][1].kind not in "iu":
+        raise ConfigError(f"{path}: 'labels' is {headers['labels'][1]} {list(shape)}, expected integers [{count}]")
 
 
 # ---------------------------------------------------------------------------------------- CIFAR-10 pickles
@@ -411,6 +453,9 @@ def check_image_data(cfg: ImageData) -> None:
     if cfg.source == "patches":
         return
     layout, path = _layout(cfg)
+    if cfg.conditional and layout not in ("npz", "imagenet-dir"):
+        raise ConfigError(f"{cfg.source} path {path}: conditional data needs npz files with 'labels' "
+                          f"(a {layout} layout carries none)")
     try:
         if layout == "npz" or layout == "imagenet-dir":
             files = [path] if layout == "npz" else [path / n for n in IMAGENET_BATCHES]
@@ -419,6 +464,8 @@ def check_image_data(cfg: ImageData) -> None:
                 headers = _npz_headers(p)
                 key = _npz_key(p, headers, res, ch, _imagenet_keys(layout))
                 total += headers[key][0][0]
+                if cfg.conditional:
+                    _check_npz_labels(p, headers, headers[key][0][0])
             if cfg.size is not None and cfg.size > total:
                 raise ConfigError(f"{path}: size {cfg.size} asks for more than the {total} images there are")
         elif layout == "tar":
@@ -527,7 +574,7 @@ def _load_path(cfg: ImageData, layout: str, path: Path) -> np.ndarray:
 
 def make_image_data(cfg: ImageData) -> ImageDataset:
     """Load the images of `cfg` (once; see the module docstring for sources and layouts)."""
-    info = {"source": cfg.source}
+    info, labels = {"source": cfg.source}, None
     if cfg.source == "digits":
         images = _take(_load_digits(cfg.resolution), cfg.size, "digits")
     elif cfg.source == "patches":
@@ -537,8 +584,11 @@ def make_image_data(cfg: ImageData) -> ImageDataset:
         info.update(path=str(path), layout=layout)
         try:
             images = _load_path(cfg, layout, path)
+            if cfg.conditional:
+                files = [path] if layout == "npz" else [path / n for n in IMAGENET_BATCHES]
+                labels = _load_npz_labels(files, len(images), str(path))
         except ConfigError as e:    # the helpers' messages start with the file at fault
             raise ConfigError(f"{cfg.source} path {e}") from None
     where = f"{cfg.source}" + (f" path {info['path']}" if "path" in info else "")
     images = _to_nhwc(np.asarray(images), cfg.resolution, cfg.channels, where)   # dtype and shape, whatever the source
-    return ImageDataset(images, xflip=cfg.xflip, info=info)
+    return ImageDataset(images, xflip=cfg.xflip, info=info, labels=labels)

@@ -67,6 +67,10 @@ class ToyDistribution(ABC):
     def sample_torch(self, n: int, generator: torch.Generator) -> torch.Tensor:
         ...
 
+    def sample_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, None]:
+        """A training batch and its labels (toy data has none)."""
+        return self.sample_torch(n, generator), None
+
     @abstractmethod
     def denoiser(self, x, sigma) -> np.ndarray:
         ...

@@ -19,9 +19,13 @@ class Loss(ABC):
         """Raise ValueError for a combination of loss and config that cannot work."""
 
     @abstractmethod
-    def __call__(self, model, target, x0: torch.Tensor, step: int, generator) -> torch.Tensor:
+    def __call__(self, model, target, x0: torch.Tensor, step: int, generator,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
         """Unreduced per-sample loss [B]. `target` is the target network, or the model itself (θ⁻ = stopgrad θ).
-        `generator`: a torch.Generator, or cmbench.draws.Draws when x0 is one rank's shard of a global batch."""
+        `generator`: a torch.Generator, or cmbench.draws.Draws when x0 is one rank's shard of a global batch.
+        `labels`: class indices [B] of conditional data (every network and teacher call gets them), else None.
+        A loss that evaluates the network twice on related inputs runs the first pass under
+        pieces.same_dropout, so that the second draws the same dropout masks."""
 
     def target_ema(self, step: int) -> float | None:
         """μ(k) for a separate target network θ⁻; None: θ⁻ = stopgrad(θ), no target network is kept."""

@@ -40,9 +40,9 @@ class CD(DiscreteConsistencyLoss):
     def target_ema(self, step):
         return self.params.mu
 
-    def target(self, target, x0, z, x_hi, sig_lo, sig_hi, i, sigmas):
-        x_lo = solvers.STEPS[self.params.solver](self.teacher.denoise, x_hi, sig_hi, sig_lo)
-        return target(x_lo, sig_lo)
+    def target(self, target, x0, z, x_hi, sig_lo, sig_hi, i, sigmas, labels):
+        x_lo = solvers.STEPS[self.params.solver](self.teacher.denoise, x_hi, sig_hi, sig_lo, labels)
+        return target(x_lo, sig_lo, labels)
 
 
 class DirectCMParams(CDParams):
@@ -57,6 +57,6 @@ class DirectCM(CD):
     def target_ema(self, step):
         return None
 
-    def target(self, target, x0, z, x_hi, sig_lo, sig_hi, i, sigmas):
+    def target(self, target, x0, z, x_hi, sig_lo, sig_hi, i, sigmas, labels):
         # f_θ⁻(x, σ_min) = x under the CM boundary condition, so the solver's endpoint is the target itself
-        return solvers.solve_down(self.teacher.denoise, x_hi, sigmas, i + 1, 0, self.params.solver)
+        return solvers.solve_down(self.teacher.denoise, x_hi, sigmas, i + 1, 0, self.params.solver, labels)

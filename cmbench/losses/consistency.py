@@ -40,9 +40,9 @@ class DiscreteConsistencyLoss(Loss):
     def pair_probs(self, sigmas: torch.Tensor) -> torch.Tensor:
         """p(i) over the N − 1 adjacent pairs of the grid."""
 
-    def target(self, target, x0, z, x_hi, sig_lo, sig_hi, i, sigmas) -> torch.Tensor:
+    def target(self, target, x0, z, x_hi, sig_lo, sig_hi, i, sigmas, labels) -> torch.Tensor:
         """CT: the target network at the same noise z, one grid point down (Song et al. 2023, Alg. 3)."""
-        return target(x0 + sig_lo.reshape(-1, *[1] * (x0.ndim - 1)) * z, sig_lo)
+        return target(x0 + sig_lo.reshape(-1, *[1] * (x0.ndim - 1)) * z, sig_lo, labels)
 
     def stats(self, step: int) -> dict:
         out = {"N": self.discretization(step)}
@@ -51,14 +51,16 @@ class DiscreteConsistencyLoss(Loss):
             out["mu"] = mu
         return out
 
-    def __call__(self, model, target, x0: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, model, target, x0: torch.Tensor, step: int, generator: torch.Generator,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
         sigmas = pieces.karras_sigmas(self.discretization(step), self.sigma_min, self.sigma_max, self.rho)
         draws = Draws.of(generator, x0.shape[0])
         i = draws.multinomial(self.pair_probs(sigmas))
         sig_lo, sig_hi = (s.to(x0.device, x0.dtype) for s in (sigmas[i], sigmas[i + 1]))
         z = draws.randn(x0.shape[1:], like=x0)
         x_hi = x0 + sig_hi.reshape(-1, *[1] * (x0.ndim - 1)) * z
-        pred = model(x_hi, sig_hi)
+        with pieces.same_dropout(x0.device):
+            pred = model(x_hi, sig_hi, labels)
         with torch.no_grad():
-            tgt = self.target(target, x0, z, x_hi, sig_lo, sig_hi, i, sigmas)
+            tgt = self.target(target, x0, z, x_hi, sig_lo, sig_hi, i, sigmas, labels)
         return self.weight(sig_lo, sig_hi) * self.distance(pred, tgt)

@@ -51,7 +51,7 @@ class ECT(Loss):
     def stats(self, step):
         return {"stage": self.stage(step)}
 
-    def __call__(self, model, target, x0, step, generator):
+    def __call__(self, model, target, x0, step, generator, labels=None):
         p, sd = self.params, self.cfg.precond.sigma_data
         draws = Draws.of(generator, x0.shape[0])
         n = draws.randn((), like=x0)
@@ -59,11 +59,16 @@ class ECT(Loss):
         r = self.r_of_t(t, step)
         z = draws.randn(x0.shape[1:], like=x0)
         col = (-1,) + (1,) * (x0.ndim - 1)
-        pred = model(x0 + t.reshape(col) * z, t)
+        with pieces.same_dropout(x0.device):
+            pred = model(x0 + t.reshape(col) * z, t, labels)
         with torch.no_grad():
-            denoise = r > 0
-            tgt = x0.clone()
-            if bool(denoise.any()):   # f(x, 0) = x: skip the network where r = 0 (its c_noise = ¼ ln 0)
-                tgt[denoise] = target(x0[denoise] + r[denoise].reshape(col) * z[denoise], r[denoise])
+            keep = r > 0
+            tgt = x0
+            if bool(keep.any()):
+                # the whole batch, so that its dropout masks line up with the online pass (as ECT's code); where
+                # r = 0 the target is f(x, 0) = x0 and the network's output there (run at t, not at c_noise =
+                # ¼ ln 0) is discarded
+                r_net = torch.where(keep, r, t)
+                tgt = torch.where(keep.reshape(col), target(x0 + r_net.reshape(col) * z, r_net, labels), x0)
         weight = pieces.inv_delta_weight(r, t) if p.weighting == "inv_delta" else 1 / t**2 + 1 / sd**2
         return weight * pieces.pseudo_huber(pred, tgt, p.huber_c)

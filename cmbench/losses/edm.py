@@ -27,12 +27,12 @@ class EDM(Loss):
         if cfg.precond.name != "edm":
             raise ValueError(f"trains a denoiser: needs precond 'edm', not {cfg.precond.name!r}")
 
-    def __call__(self, model, target, x0, step, generator):
+    def __call__(self, model, target, x0, step, generator, labels=None):
         p, sd = self.params, self.cfg.precond.sigma_data
         draws = Draws.of(generator, x0.shape[0])
         n = draws.randn((), like=x0)
         sigma = (p.p_mean + p.p_std * n).exp()
         z = draws.randn(x0.shape[1:], like=x0)
-        denoised = model(x0 + sigma.reshape(-1, *[1] * (x0.ndim - 1)) * z, sigma)
+        denoised = model(x0 + sigma.reshape(-1, *[1] * (x0.ndim - 1)) * z, sigma, labels)
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
         return weight * (denoised - x0).reshape(x0.shape[0], -1).square().mean(dim=1)

@@ -12,6 +12,16 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return torch.tensor(grids.karras_sigmas(n, sigma_min, sigma_max, rho), dtype=torch.float64)
 
 
+# --- shared dropout masks ----------------------------------------------------------------------------------
+
+def same_dropout(device: torch.device):
+    """Context for the online pass: on exit the global RNG that dropout draws from (the CPU one, or the CUDA one
+    of `device`) is rewound, so the target pass that follows draws the same masks and f_θ⁻ = f_θ at θ⁻ = θ.
+    The CM code restores the RNG state before its target pass (papers.md §2.2), ECT its CUDA RNG state ("shared
+    dropout mask", §4.2), and iCT synchronises the dropout RNGs of student and teacher."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 # --- discretisation curricula N(k) and target EMA μ(k) ------------------------------------------------
 
 def ct_discretization(k: int, total: int, s0: int, s1: int) -> int:
@@ -63,8 +73,15 @@ def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    """iCT: d(a, b) = sqrt(||a − b||² + c²) − c. Tends to ||a − b||²/(2c) as the residual → 0, to ℓ2 norm when large."""
+    """iCT: d(a, b) = sqrt(||a − b||² + c²) − c. Tends to ||a − b||²/(2c) as the residual → 0, to ℓ2 norm when large.
+
+    c = 0 is ECT's sqrt(Δ) (CIFAR-10), whose derivative is 0/0 where a and b agree to the last bit: the gradient
+    is zero there (ECT's training loop zeroes NaN gradients, EDM's nan_to_num; here only that sample's share is
+    zeroed, not the whole parameter gradient it would have reached), so the run goes on."""
     sq = _flat(a - b).square().sum(dim=1)
+    if c == 0:
+        nonzero = sq > 0
+        return torch.where(nonzero, sq, torch.ones_like(sq)).sqrt() * nonzero
     return (sq + c * c).sqrt() - c
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from cmbench.config import RunConfig, Strict
 from cmbench.draws import Draws
-from cmbench.losses import register
+from cmbench.losses import pieces, register
 from cmbench.losses.base import Loss
 from cmbench.nets.mlp import NoiseEmbedding
 
@@ -47,17 +47,18 @@ class AdaptiveWeight(nn.Module):
         return self.linear(self.embed(t)).squeeze(1)
 
 
-def teacher_velocity(denoise, x_t: torch.Tensor, t: torch.Tensor, sigma_data: float) -> torch.Tensor:
+def teacher_velocity(denoise, x_t: torch.Tensor, t: torch.Tensor, sigma_data: float,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
     """dx_t/dt of the PF ODE from an EDM σ-space denoiser D (sCM App. B.2 change of variables).
 
     x_t = cos t·x_σ with σ = σ_d tan t, and dx_σ/dσ = (x_σ − D)/σ, dσ/dt = σ_d/cos²t, so
     dx_t/dt = −sin t·x_σ + cos t·(x_σ − D)/σ·σ_d/cos²t = −sin t·x_σ + (x_σ − D)/sin t."""
     cos, sin = trig(t, x_t.ndim)
     x_sigma = x_t / cos
-    return -sin * x_sigma + (x_sigma - denoise(x_sigma, sigma_data * t.tan())) / sin
+    return -sin * x_sigma + (x_sigma - denoise(x_sigma, sigma_data * t.tan(), labels)) / sin
 
 
-def tangent_jvp(target, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor):
+def tangent_jvp(target, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor, labels: torch.Tensor | None = None):
     """(F⁻, cos t·sin t·σ_d·dF⁻/dt) from one forward-mode JVP of F_θ⁻ along the PF ODE (Alg. 1).
 
     Alg. 1 differentiates (u, t) ↦ F(u, t) at u = x_t/σ_d with tangent (cos t sin t·dx_t/dt, cos t sin t·σ_d);
@@ -65,7 +66,7 @@ def tangent_jvp(target, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor
     instead of the result keeps it bounded near t = 0 and π/2 (no FP16 overflow)."""
     cos, sin = trig(t, x_t.ndim)
     cs = cos * sin * target.sigma_data
-    return torch.func.jvp(target.raw, (x_t, t), (cs * dxt_dt, cs.reshape(-1)))
+    return torch.func.jvp(lambda x, s: target.raw(x, s, labels), (x_t, t), (cs * dxt_dt, cs.reshape(-1)))
 
 
 class SCMLoss(Loss):
@@ -83,12 +84,15 @@ class SCMLoss(Loss):
     def check(cls, params, cfg):
         if cfg.precond.name != "trigflow":
             raise ValueError(f"trains the TrigFlow model: needs precond 'trigflow', not {cfg.precond.name!r}")
-        if cfg.teacher is not None and cfg.teacher.init_student:
-            # an EDM teacher's F predicts another quantity from other inputs (c_in, c_noise): not a TrigFlow start
-            raise ValueError("cannot start a TrigFlow student from an EDM-preconditioned teacher (init_student)")
+        if cfg.teacher is not None and cfg.teacher.init_student and cfg.precond.trigflow_net != "edm":
+            # an EDM teacher's F predicts another quantity from other inputs (c_in, c_noise): only the wrapped
+            # form (precond.trigflow_net 'edm') starts from its weights
+            raise ValueError("starts from an EDM-preconditioned teacher (init_student) only with "
+                             "precond.trigflow_net 'edm'")
 
     @abstractmethod
-    def velocity(self, x0: torch.Tensor, z: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def velocity(self, x0: torch.Tensor, z: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                 labels: torch.Tensor | None) -> torch.Tensor:
         """dx_t/dt at (x_t, t)."""
 
     def tangent_warmup(self, step: int) -> float:
@@ -98,22 +102,27 @@ class SCMLoss(Loss):
     def stats(self, step):
         return {"tangent_warmup": self.tangent_warmup(step)}
 
-    def __call__(self, model, target, x0, step, generator):
+    def __call__(self, model, target, x0, step, generator, labels=None):
         # t = arctan(e^τ/σ_d), τ ~ N(P_mean, P_std²): EDM's lognormal σ in TrigFlow time (papers.md §5.3)
         draws = Draws.of(generator, x0.shape[0])
         tau = self.params.p_mean + self.params.p_std * draws.randn((), like=x0)
         t = torch.atan(tau.exp() / self.sigma_data)
         z = self.sigma_data * draws.randn(x0.shape[1:], like=x0)
-        return self.loss_at(model, target, x0, z, t, step)
+        return self.loss_at(model, target, x0, z, t, step, labels)
 
-    def loss_at(self, model, target, x0, z, t, step):
+    def loss_at(self, model, target, x0, z, t, step, labels=None):
         """The per-sample loss at given t [B] and z ~ N(0, σ_d² I)."""
         cos, sin = trig(t, x0.ndim)
         x_t = cos * x0 + sin * z
         r = self.tangent_warmup(step)
+        # θ⁻ = stopgrad θ: F⁻ is the online pass's own output (public sCM code takes F_θ.detach()), so
+        # F_θ − F⁻ = 0 exactly whatever the dropout, and the JVP runs under the same dropout masks
+        with pieces.same_dropout(x0.device):
+            online = model.raw(x_t, t, labels)
         with torch.no_grad():
-            dxt_dt = self.velocity(x0, z, x_t, t)
-            f_minus, jvp = tangent_jvp(target, x_t, t, dxt_dt)
+            dxt_dt = self.velocity(x0, z, x_t, t, labels)
+            f_jvp, jvp = tangent_jvp(target, x_t, t, dxt_dt, labels)
+            f_minus = online.detach() if target is model else f_jvp
             # Alg. 1: g = cos t·df⁻/dt with the warm-up r on the second term, where sCM Eq. 8's
             # df⁻/dt = −cos t·(σ_d F⁻ − dx_t/dt) − sin t·(x_t + σ_d dF⁻/dt)
             g = -cos**2 * (self.sigma_data * f_minus - dxt_dt) - r * (cos * sin * x_t + jvp)
@@ -121,7 +130,7 @@ class SCMLoss(Loss):
             g = g / (g.flatten(1).norm(dim=1).reshape(cos.shape) + self.params.tangent_c)
         # Alg. 1 loss: (e^w/D)·‖F_θ − F⁻ − g‖² − w; its θ-gradient at θ = θ⁻ is −(2e^w/D)·g·∂F_θ/∂θ (Eq. 8)
         w = self.module(t) if self.module is not None else torch.zeros_like(t)
-        sq = (model.raw(x_t, t) - f_minus - g).flatten(1).square().sum(dim=1)
+        sq = (online - f_minus - g).flatten(1).square().sum(dim=1)
         return w.exp() / x0[0].numel() * sq - w
 
 
@@ -135,7 +144,7 @@ class SCT(SCMLoss):
     A teacher, if configured, can only initialise the student."""
     Params = SCTParams
 
-    def velocity(self, x0, z, x_t, t):
+    def velocity(self, x0, z, x_t, t, labels):
         cos, sin = trig(t, x0.ndim)
         return cos * z - sin * x0
 
@@ -150,5 +159,5 @@ class SCD(SCMLoss):
     Params = SCDParams
     needs_teacher = True
 
-    def velocity(self, x0, z, x_t, t):
-        return teacher_velocity(self.teacher.denoise, x_t, t, self.sigma_data)
+    def velocity(self, x0, z, x_t, t, labels):
+        return teacher_velocity(self.teacher.denoise, x_t, t, self.sigma_data, labels)

@@ -49,7 +49,8 @@ def reference_key(cfg: RunConfig, nfe: int, metric_set: str = "data") -> str:
     """Everything the cached ground truth or reference statistics depend on, hashed."""
     if metric_set != "data":
         from cmbench.metrics import fid
-        return fid.reference_key(cfg.dataset.model_dump(mode="json"), metric_set, cfg.evaluate.cleanfid_network)
+        return fid.reference_key(cfg.dataset.model_dump(mode="json"), metric_set, cfg.evaluate.cleanfid_network,
+                                 cfg.evaluate.fid_dims)
     if is_image(cfg):
         return config_hash({"dataset": cfg.dataset.model_dump(mode="json"), "n": cfg.sample.n,
                             "floor_repeats": cfg.evaluate.floor_repeats})
@@ -88,7 +89,8 @@ def build_reference(cfg: RunConfig, nfe: int, out: Path, metric_set: str = "data
         from cmbench.metrics import fid
         return fid.build_reference(lambda: make_data(cfg.dataset).images_uint8(), metric_set,
                                    reference_key(cfg, nfe, metric_set), out, device=_device(),
-                                   network=cfg.evaluate.cleanfid_network, batch_size=cfg.evaluate.batch)
+                                   network=cfg.evaluate.cleanfid_network, batch_size=cfg.evaluate.batch,
+                                   dims=cfg.evaluate.fid_dims)
     if is_image(cfg):
         return build_image_reference(cfg, out)
     dist = make_toy(cfg.dataset.model_dump())
@@ -165,9 +167,10 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "d
     if metric_set != "data":
         from cmbench.metrics import fid
         r = fid.fid_npz(samples, ref_file, metric_set, device=_device(), network=cfg.evaluate.cleanfid_network,
+                        dims=cfg.evaluate.fid_dims,
                         batch_size=cfg.evaluate.batch)
         values, ideal = {FID: r.pop("value")}, {}
-        fields = {k: r[k] for k in ("backend", "backend_version", "mode", "feature_extractor", "n_ref")}
+        fields = {k: r[k] for k in ("backend", "backend_version", "mode", "feature_extractor", "fid_dims", "n_ref")}
     else:
         ref = np.load(ref_file)
         values, ideal, fields = (_pixel_values(cfg, smp, ref) if is_image(cfg)
@@ -175,9 +178,10 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "d
         fields["backend_version"] = version("cmbench")
     base = {**cfg.run.model_dump(), "config_hash": cfg.hash, "checkpoint_sha256": meta["checkpoint_sha256"],
             "weights": meta["weights"], "nfe": nfe, "sigmas": meta["sigmas"], "sigma_min": meta["sigma_min"],
-            "sampler": meta["sampler"], "renoise": meta["renoise"], "sample_seed_start": int(smp["seeds"][0]),
+            "sampler": meta["sampler"], "renoise": meta["renoise"], "clip_denoised": meta.get("clip_denoised"),
+            "sample_seed_start": int(smp["seeds"][0]),
             "n_gen": int(len(smp["seeds"])), **fields, "reference": reference_key(cfg, nfe, metric_set),
-            **({"reference_split": "train", "conditional": False} if is_image(cfg) else {}),
+            **({"reference_split": "train", "conditional": cfg.dataset.conditional} if is_image(cfg) else {}),
             "wall_time_s": round(time.perf_counter() - t0, 3)}
     records = [{**base, "metric": name, "value": float(v), "ideal": ideal.get(name)}
                for name, v in sorted(values.items())]

@@ -54,8 +54,11 @@ TF_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 TF_WEIGHTS_ALIASES = ("weights-inception-2015-12-05-6726825d.pth",)
 CF_WEIGHTS = "inception-2015-12-05.pt"  # clean-fid's TorchScript file (the name InceptionV3W loads)
 TF_EXTRACTOR = "inception-v3-compat"
-TF_FEATURE = "2048"
-DIMS = 2048
+DIMS = 2048         # the FID features: Inception's 2048-d pool (every paper's)
+# torch-fidelity's InceptionV3 also gives spatially pooled features after earlier blocks: FID on them is the same
+# code path with a smaller Fréchet distance (clean-fid's scipy sqrtm of 2048 × 2048 takes ~15 s on 2 CPU cores;
+# the smoke scale uses 64). Feature dims → the last module of torch-fidelity's forward() before that feature.
+FEATURE_LAYERS = {64: "MaxPool_1", 192: "MaxPool_2", 768: "Mixed_6e", 2048: "AvgPool"}
 SIZE = 299
 # torch-fidelity's InceptionV3 modules from the input to the 2048-d pool, in the order its forward() runs them
 _TF_TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
@@ -158,7 +161,7 @@ def write_random_inception(path: str | Path, seed: int = 0) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save({}, empty)  # a local path, so the constructor never reaches for its download URL
-        net = Skeleton(TF_EXTRACTOR, [TF_FEATURE], feature_extractor_weights_path=str(empty))
+        net = Skeleton(TF_EXTRACTOR, [str(DIMS)], feature_extractor_weights_path=str(empty))
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for m in net.modules():
@@ -191,17 +194,27 @@ def as_rgb(images) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def features(images, spec: str, *, device="cpu", batch_size: int = 64, network: str = "own") -> np.ndarray:
-    """Pool features [N, 2048] (float64 holding the network's float32 values exactly) of uint8 NHWC images,
+def check_dims(dims: int, network: str = "own", specs=SPECS) -> None:
+    if dims not in FEATURE_LAYERS:
+        raise ValueError(f"FID features of {dims} dimensions: choose one of {sorted(FEATURE_LAYERS)}")
+    if dims != DIMS and network == "own" and any(backend(s).library == "clean-fid" for s in specs):
+        raise ValueError(f"clean-fid's own TorchScript Inception gives {DIMS}-d features only: {dims}-d needs "
+                         f"evaluate.cleanfid_network 'torch-fidelity'")
+
+
+def features(images, spec: str, *, device="cpu", batch_size: int = 64, network: str = "own",
+             dims: int = DIMS) -> np.ndarray:
+    """Pool features [N, dims] (float64 holding the network's float32 values exactly) of uint8 NHWC images,
     through the backend's own preprocessing path."""
     b = backend(spec, network)
+    check_dims(dims, network, [spec])
     x = as_rgb(images)
     if len(x) == 0:
         raise ValueError("FID needs at least one image")
     if b.library == "torch-fidelity":
-        f = _tf_features(x, device, batch_size)
+        f = _tf_features(x, device, batch_size, dims)
     else:
-        f = _cf_features(x, b, device, batch_size)
+        f = _cf_features(x, b, device, batch_size, dims)
     return f.astype(np.float64)
 
 
@@ -219,17 +232,17 @@ def _on(dev):
 
 
 @lru_cache(maxsize=2)
-def _tf_extractor(path: str, sha: str, device: str):
+def _tf_extractor(path: str, sha: str, device: str, dims: int):
     from torch_fidelity.utils import create_feature_extractor
     dev = _device(device)
     with _on(dev):
-        return create_feature_extractor(TF_EXTRACTOR, [TF_FEATURE], cuda=dev.type == "cuda",
+        return create_feature_extractor(TF_EXTRACTOR, [str(dims)], cuda=dev.type == "cuda",
                                         feature_extractor_weights_path=path, verbose=False)
 
 
-def _tf_net(device):
+def _tf_net(device, dims: int = DIMS):
     p = tf_weights_path()
-    return _tf_extractor(str(p), file_sha256(p), str(_device(device)))
+    return _tf_extractor(str(p), file_sha256(p), str(_device(device)), dims)
 
 
 def _uint8_dataset(x: np.ndarray):
@@ -246,24 +259,26 @@ def _uint8_dataset(x: np.ndarray):
     return Images()
 
 
-def _tf_features(x: np.ndarray, device, batch_size: int) -> np.ndarray:
+def _tf_features(x: np.ndarray, device, batch_size: int, dims: int = DIMS) -> np.ndarray:
     from torch_fidelity.utils import get_featuresdict_from_dataset
     dev = _device(device)
-    net = _tf_net(dev)
+    net = _tf_net(dev, dims)
     with _on(dev):
         fd = get_featuresdict_from_dataset(_uint8_dataset(x), net, batch_size, dev.type == "cuda",
                                            True, False)  # save_cpu_ram (no DataLoader workers), verbose
-    return fd[TF_FEATURE].numpy()
+    return fd[str(dims)].numpy()
 
 
-def _tf_net_for_cleanfid(device, resize_inside: bool):
-    """torch-fidelity's network as a clean-fid feature extractor: float [B, 3, H, W] in 0..255 -> [B, 2048].
+def _tf_net_for_cleanfid(device, resize_inside: bool, dims: int = DIMS):
+    """torch-fidelity's network as a clean-fid feature extractor: float [B, 3, H, W] in 0..255 -> [B, dims].
     Same contract as clean-fid's InceptionV3W: resize inside (legacy_tensorflow; here torch-fidelity's
     TF1-compatible bilinear resize) or expect 299x299 (clean). Runs torch-fidelity's own modules in its forward()'s
-    order, without its uint8 check (clean mode hands over non-integer values)."""
+    order up to the feature's layer, spatially averaged as torch-fidelity does, without its uint8 check (clean
+    mode hands over non-integer values)."""
     import torch
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
-    net = _tf_net(device)
+    net = _tf_net(device, dims)
+    trunk = _TF_TRUNK[:_TF_TRUNK.index(FEATURE_LAYERS[dims]) + 1]
 
     def fn(x):
         x = x.to(net.feature_extractor_internal_dtype)
@@ -272,8 +287,10 @@ def _tf_net_for_cleanfid(device, resize_inside: bool):
         elif tuple(x.shape[2:]) != (SIZE, SIZE):
             raise ValueError(f"expected {SIZE}x{SIZE} images from clean-fid, got {tuple(x.shape)}")
         x = (x - 128) / 128
-        for name in _TF_TRUNK:
+        for name in trunk:
             x = getattr(net, name)(x)
+        if dims != DIMS:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, output_size=(1, 1))
         return torch.flatten(x, 1).to(torch.float32)
 
     return fn
@@ -285,10 +302,10 @@ def _cf_model(dirname: str, sha: str, device: str, resize_inside: bool):
     return InceptionV3W(dirname, download=False, resize_inside=resize_inside).to(_device(device)).eval()
 
 
-def _cf_extractor(b: Backend, device):
+def _cf_extractor(b: Backend, device, dims: int = DIMS):
     resize_inside = b.mode == "legacy_tensorflow"  # as cleanfid.features.build_feature_extractor
     if b.network == "torch-fidelity":
-        return _tf_net_for_cleanfid(device, resize_inside)
+        return _tf_net_for_cleanfid(device, resize_inside, dims)
     p = cf_weights_path()
     model = _cf_model(str(p.parent), file_sha256(p), str(_device(device)), resize_inside)
     return lambda x: model(x)
@@ -311,11 +328,11 @@ class _Batches:
         return torch.from_numpy(b.transpose(0, 3, 1, 2).astype(np.float32))
 
 
-def _cf_features(x: np.ndarray, b: Backend, device, batch_size: int) -> np.ndarray:
+def _cf_features(x: np.ndarray, b: Backend, device, batch_size: int, dims: int = DIMS) -> np.ndarray:
     import torch
     from cleanfid.fid import get_model_features
     dev = _device(device)
-    fn = _cf_extractor(b, dev)
+    fn = _cf_extractor(b, dev, dims)
     n = len(x)
     bs = math.ceil(n / math.ceil(n / batch_size))  # same number of batches, least padding
     with torch.random.fork_rng(devices=[]):  # clean-fid draws latents we do not use: leave the caller's RNG alone
@@ -351,29 +368,31 @@ def frechet(mu1, sigma1, mu2, sigma2, spec: str = "torch-fidelity") -> float:
 
 # ------------------------------------------------------------------------------------------ reference statistics
 
-def backend_fields(spec: str, network: str = "own") -> dict:
-    """What reference statistics depend on besides the dataset: backend, network, exact weights file, version."""
+def backend_fields(spec: str, network: str = "own", dims: int = DIMS) -> dict:
+    """What reference statistics depend on besides the dataset: backend, network, exact weights file, version, and
+    the feature dimensions where they are not the 2048 of FID."""
     b = backend(spec, network)
     w = b.weights_path()
     return {"spec": spec, "network": b.network, "weights": w.name, "weights_sha256": file_sha256(w),
-            "library": b.library, "library_version": b.library_version}
+            "library": b.library, "library_version": b.library_version, **({"dims": dims} if dims != DIMS else {})}
 
 
-def reference_key_fields(key: dict, spec: str, network: str = "own") -> dict:
-    return {"dataset": key, **backend_fields(spec, network)}
+def reference_key_fields(key: dict, spec: str, network: str = "own", dims: int = DIMS) -> dict:
+    return {"dataset": key, **backend_fields(spec, network, dims)}
 
 
-def reference_key(key: dict, spec: str, network: str = "own") -> str:
+def reference_key(key: dict, spec: str, network: str = "own", dims: int = DIMS) -> str:
     """Short sha256 of the caller's dataset description together with the backend fields."""
-    return config_hash(reference_key_fields(key, spec, network))
+    return config_hash(reference_key_fields(key, spec, network, dims))
 
 
 def build_reference(images_fn: Callable[[], np.ndarray], spec: str, key: str, out: str | Path, *, device="cpu",
-                    batch_size: int = 64, network: str = "own", fields: dict | None = None) -> Path:
+                    batch_size: int = 64, network: str = "own", fields: dict | None = None,
+                    dims: int = DIMS) -> Path:
     """Compute (mu, sigma, n) of images_fn()'s images and write them to out atomically (tmp + os.replace), with the
     key and the fields it was made from (at least the backend fields, which fid_npz checks)."""
-    fields = {**backend_fields(spec, network), **(fields or {})}
-    f = features(images_fn(), spec, device=device, batch_size=batch_size, network=network)
+    fields = {**backend_fields(spec, network, dims), **(fields or {})}
+    f = features(images_fn(), spec, device=device, batch_size=batch_size, network=network, dims=dims)
     mu, sigma = stats(f, spec)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -384,16 +403,16 @@ def build_reference(images_fn: Callable[[], np.ndarray], spec: str, key: str, ou
 
 
 def reference_stats(images_fn: Callable[[], np.ndarray], spec: str, key: dict, cache_dir: str | Path, *,
-                    device="cpu", batch_size: int = 64, network: str = "own") -> Path:
+                    device="cpu", batch_size: int = 64, network: str = "own", dims: int = DIMS) -> Path:
     """Path of the cached (mu, sigma, n) of the reference images for this backend, computed on a miss only
     (images_fn() is called then, never on a hit): {cache_dir}/{backend}-{reference_key}.npz."""
-    fields = reference_key_fields(key, spec, network)
+    fields = reference_key_fields(key, spec, network, dims)
     h = config_hash(fields)
     out = Path(cache_dir) / f"{backend(spec, network).slug}-{h}.npz"
     if out.exists():
         return out
     return build_reference(images_fn, spec, h, out, device=device, batch_size=batch_size, network=network,
-                           fields=fields)
+                           fields=fields, dims=dims)
 
 
 def load_reference(path: str | Path) -> dict:
@@ -405,7 +424,7 @@ def load_reference(path: str | Path) -> dict:
 # -------------------------------------------------------------------------------------------------- evaluation
 
 def fid_npz(npz_path: str | Path, reference_file: str | Path, spec: str, *, device="cpu", batch_size: int = 64,
-            network: str = "own") -> dict:
+            network: str = "own", dims: int = DIMS) -> dict:
     """FID of the images in a sample file (key `images`, uint8 NHWC) against cached reference statistics made by
     `reference_stats` with the same backend, network and weights. Returns the value and the fields of a metric
     record."""
@@ -415,17 +434,26 @@ def fid_npz(npz_path: str | Path, reference_file: str | Path, spec: str, *, devi
     sha = file_sha256(w)
     ref = load_reference(reference_file)
     k = ref["fields"]
-    if (k["spec"], k["network"], k["weights_sha256"]) != (spec, b.network, sha):
+    if (k["spec"], k["network"], k["weights_sha256"], k.get("dims", DIMS)) != (spec, b.network, sha, dims):
         raise ValueError(f"{reference_file}: reference statistics made with {k['spec']} on the {k['network']} network "
-                         f"(weights sha256 {k['weights_sha256'][:12]}), not {spec} on the {b.network} network "
-                         f"(weights sha256 {sha[:12]})")
+                         f"(weights sha256 {k['weights_sha256'][:12]}, {k.get('dims', DIMS)}-d), not {spec} on the "
+                         f"{b.network} network (weights sha256 {sha[:12]}, {dims}-d)")
     with np.load(npz_path) as z:
         images = z["images"]
-    f = features(images, spec, device=device, batch_size=batch_size, network=network)
+    f = features(images, spec, device=device, batch_size=batch_size, network=network, dims=dims)
     mu, sigma = stats(f, spec)
     value = frechet(mu, sigma, ref["mu"], ref["sigma"], spec)
     return {"metric": METRIC, "value": value, "backend": b.library, "backend_version": b.library_version,
             "mode": b.mode, "network": b.network,
-            "feature_extractor": f"{b.network} InceptionV3 pool3 ({DIMS}-d), weights {w.name} sha256:{sha[:12]}",
+            "feature_extractor": f"{b.network} InceptionV3 {'pool3' if dims == DIMS else FEATURE_LAYERS[dims] + ' pooled'} "
+                                 f"({dims}-d), weights {w.name} sha256:{sha[:12]}", "fid_dims": dims,
             "weights_file": w.name, "weights_sha256": sha[:12], "n_gen": len(f), "n_ref": ref["n"],
             "reference_key": ref["key"], "wall_s": time.perf_counter() - t0}
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 3 or sys.argv[1] != "random-inception":
+        sys.exit(f"usage: python -m cmbench.metrics.fid random-inception DIR   (writes DIR/{TF_WEIGHTS}: a "
+                 f"He-initialised torch-fidelity InceptionV3 for offline dry and smoke runs; its FIDs mean nothing)")
+    print(write_random_inception(Path(sys.argv[2]) / TF_WEIGHTS))

@@ -50,8 +50,20 @@ def gaussian_fit(x) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_to_stats(x, mean, cov) -> float:
-    """Squared Fréchet distance between the Gaussian fit of samples and given statistics."""
-    return _frechet(*_gaussian_fit(_as_2d(x)), mean, cov)
+    """Squared Fréchet distance between the Gaussian fit of samples and given statistics.
+
+    Fewer samples than dimensions (n − 1 < d) give a covariance of rank n − 1, s = A·Aᵀ with A the centred samples
+    over sqrt(n − 1): the nonzero eigenvalues of cov^1/2·s·cov^1/2 are those of Aᵀ·cov·A (n × n), so the trace term
+    is exact at O(d²n) instead of two d × d eigendecompositions (3072-d pixels: 11 s → milliseconds)."""
+    x = _as_2d(x)
+    n, d = x.shape
+    if n - 1 >= d or n < 2:
+        return _frechet(*_gaussian_fit(x), mean, cov)
+    m = x.mean(axis=0)
+    a = (x - m).T / np.sqrt(n - 1)
+    cross = np.linalg.eigvalsh(a.T @ cov @ a)
+    trace = np.trace(cov) + (a * a).sum() - 2 * np.sqrt(np.clip(cross, 0.0, None)).sum()
+    return max(float(((m - np.asarray(mean)) ** 2).sum() + trace), 0.0)
 
 
 def _w2_sq_1d(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ def build_model(cfg: RunConfig) -> nn.Module:
         net = MLP(cfg.dataset.dim, n.width, n.depth, n.emb_features, n.emb_max_freq)
     else:
         from cmbench.nets.unet import build_unet
-        net = build_unet(n, cfg.dataset.shape)
+        net = build_unet(n, cfg.dataset.shape, cfg.dataset.num_classes if cfg.dataset.conditional else 0)
     if p.name == "trigflow":
-        return TrigFlow(net, p.sigma_data)
-    return Precond(net, p.sigma_data, p.sigma_min, boundary=p.name == "cm")
+        return TrigFlow(net, p.sigma_data, edm_net=p.trigflow_net == "edm", c_noise_scale=p.c_noise_scale)
+    return Precond(net, p.sigma_data, p.sigma_min, boundary=p.name == "cm", c_noise_scale=p.c_noise_scale)

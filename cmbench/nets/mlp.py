@@ -30,5 +30,7 @@ class MLP(nn.Module):
         layers.append(nn.Linear(fan_in, dim))
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is not None:
+            raise ValueError("the toy MLP is unconditional")
         return self.layers(torch.cat([x, self.embed(c_noise)], dim=1))

@@ -182,7 +182,7 @@ class _UNet(nn.Module):
                  channel_mult: Sequence[int], num_blocks: int, attn_resolutions: Sequence[int],
                  embed: nn.Module, noise_channels: int, stem_channels: int, block: Callable[..., ResBlock],
                  attn_every_decoder_block: bool, residual_encoder: bool, resample_filter: Sequence[int],
-                 init: str, eps: float):
+                 init: str, eps: float, dropout: float, dropout_res: int | None, label_dim: int = 0):
         super().__init__()
         levels = len(channel_mult)
         if img_resolution % 2 ** (levels - 1):
@@ -191,22 +191,33 @@ class _UNet(nn.Module):
         self.embed = embed
         self.map = nn.Sequential(init_layer(nn.Linear(noise_channels, emb_ch), init), nn.SiLU(),
                                  init_layer(nn.Linear(emb_ch, emb_ch), init), nn.SiLU())
-        block = partial(block, emb_ch=emb_ch)
+        # class conditioning as EDM's DhariwalUNet: a one-hot label through a bias-free N(0, 1)-initialised
+        # linear map, added to the embedding before its last SiLU
+        self.label_dim = label_dim
+        self.map_label = nn.Linear(label_dim, emb_ch, bias=False) if label_dim else None
+        if self.map_label is not None:
+            nn.init.normal_(self.map_label.weight)
+
+        def block_at(res: int, *args, **kw) -> ResBlock:
+            # dropout everywhere, or (iCT/sCM/ECT on ImageNet 64) only at feature resolutions ≤ dropout_res
+            rate = dropout if dropout_res is None or res <= dropout_res else 0.0
+            return block(*args, emb_ch=emb_ch, dropout=rate, **kw)
 
         self.stem = init_layer(nn.Conv2d(in_channels, stem_channels, 3, padding=1), init)
         self.enc, self.aux = nn.ModuleList(), nn.ModuleList()
         skips, ch, aux_ch = [stem_channels], stem_channels, in_channels
         for level, mult in enumerate(channel_mult):
             res, blocks = img_resolution >> level, nn.ModuleList()
+            make = partial(block_at, res)
             if level > 0:
-                blocks.append(block(ch, ch, down=True))
+                blocks.append(make(ch, ch, down=True))
                 skips.append(ch)
                 if residual_encoder:
                     self.aux.append(nn.Sequential(init_layer(nn.Conv2d(aux_ch, ch, 3, padding=1), init),
                                                   Resample("down", resample_filter)))
                     aux_ch = ch
             for _ in range(num_blocks):
-                blocks.append(block(ch, model_channels * mult, attention=res in attn_resolutions))
+                blocks.append(make(ch, model_channels * mult, attention=res in attn_resolutions))
                 ch = model_channels * mult
                 skips.append(ch)
             self.enc.append(blocks)
@@ -214,21 +225,31 @@ class _UNet(nn.Module):
         self.dec_head, self.dec = nn.ModuleList(), nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
+            make = partial(block_at, res)
             if level == levels - 1:
-                self.dec_head.append(nn.ModuleList([block(ch, ch, attention=True), block(ch, ch)]))
+                self.dec_head.append(nn.ModuleList([make(ch, ch, attention=True), make(ch, ch)]))
             else:
-                self.dec_head.append(nn.ModuleList([block(ch, ch, up=True)]))
+                self.dec_head.append(nn.ModuleList([make(ch, ch, up=True)]))
             blocks = nn.ModuleList()
             for i in range(num_blocks + 1):
                 attn = res in attn_resolutions and (attn_every_decoder_block or i == num_blocks)
-                blocks.append(block(ch + skips.pop(), model_channels * mult, attention=attn))
+                blocks.append(make(ch + skips.pop(), model_channels * mult, attention=attn))
                 ch = model_channels * mult
             self.dec.append(blocks)
         self.out_norm = group_norm(ch, eps)
         self.out_conv = init_layer(nn.Conv2d(ch, out_channels, 3, padding=1), "zero")
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        emb = self.map(self.embed(c_noise.to(x.dtype).reshape(-1).expand(x.shape[0])))
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """F(x, c_noise[, labels]): labels are class indices [B] (int64) of a conditional net, else None."""
+        if (labels is None) != (self.map_label is None):
+            raise ValueError("a class-conditional net needs labels" if labels is None else
+                             "labels given to an unconditional net")
+        emb = self.embed(c_noise.to(x.dtype).reshape(-1).expand(x.shape[0]))
+        if self.map_label is None:
+            emb = self.map(emb)
+        else:
+            one_hot = F.one_hot(labels.reshape(-1).expand(x.shape[0]), self.label_dim).to(x.dtype)
+            emb = F.silu(self.map[:3](emb) + self.map_label(one_hot))
         h = self.stem(x)
         skips, aux = [h], x
         for level, blocks in enumerate(self.enc):
@@ -257,8 +278,9 @@ class SongUNet(_UNet):
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, *, model_channels: int = 128,
                  channel_mult: Sequence[int] = (2, 2, 2), num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
-                 dropout: float = 0.0, embedding: str = "positional", fourier_scale: float = 16.0,
-                 channel_mult_noise: int = 1, encoder: str = "standard", resample_filter: Sequence[int] = (1, 1)):
+                 dropout: float = 0.0, dropout_res: int | None = None, embedding: str = "positional",
+                 fourier_scale: float = 16.0, channel_mult_noise: int = 1, encoder: str = "standard",
+                 resample_filter: Sequence[int] = (1, 1)):
         noise_channels = model_channels * channel_mult_noise
         if embedding == "positional":
             embed = PositionalEmbedding(noise_channels, endpoint=True)
@@ -268,51 +290,59 @@ class SongUNet(_UNet):
             raise ValueError(f"embedding must be 'positional' or 'fourier', got {embedding!r}")
         if encoder not in ("standard", "residual"):
             raise ValueError(f"encoder must be 'standard' or 'residual', got {encoder!r}")
-        block = partial(ResBlock, heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
+        block = partial(ResBlock, heads=1, skip_scale=math.sqrt(0.5), eps=1e-6,
                         resample_filter=tuple(resample_filter), resample_proj=True, adaptive_scale=False,
                         init="xavier", attn_gain=math.sqrt(0.2))
         super().__init__(img_resolution, in_channels, out_channels, model_channels=model_channels,
                          channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
                          embed=embed, noise_channels=noise_channels, stem_channels=model_channels, block=block,
                          attn_every_decoder_block=False, residual_encoder=encoder == "residual",
-                         resample_filter=tuple(resample_filter), init="xavier", eps=1e-6)
+                         resample_filter=tuple(resample_filter), init="xavier", eps=1e-6, dropout=dropout,
+                         dropout_res=dropout_res)
 
 
 class ADMUNet(_UNet):
     """ADM (Dhariwal & Nichol 2021) as reimplemented in EDM's DhariwalUNet; defaults are its ImageNet-64 config.
 
-    Unconditional: class conditioning is not wired in this harness (EDM's conditional net adds a 1000×768 label
-    embedding on top of this one). ADM specifics: adaptive GroupNorm scale-shift conditioning, 64 channels per
+    label_dim > 0 makes it class-conditional as EDM's ImageNet-64 net (a label_dim × 4·model_channels label
+    embedding). ADM specifics: adaptive GroupNorm scale-shift conditioning, 64 channels per
     attention head, attention in every block at attn_resolutions, unscaled skips, parameter-free resampling skips,
     [1, 1] resampling, PyTorch default init.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, *, model_channels: int = 192,
                  channel_mult: Sequence[int] = (1, 2, 3, 4), num_blocks: int = 3,
-                 attn_resolutions: Sequence[int] = (32, 16, 8), head_channels: int = 64, dropout: float = 0.1):
+                 attn_resolutions: Sequence[int] = (32, 16, 8), head_channels: int = 64, dropout: float = 0.1,
+                 dropout_res: int | None = None, label_dim: int = 0):
         def block(in_ch, out_ch, **kw):    # heads follow the block width: out_ch / head_channels (at least one)
-            return ResBlock(in_ch, out_ch, heads=max(1, out_ch // head_channels), dropout=dropout, **kw)
+            return ResBlock(in_ch, out_ch, heads=max(1, out_ch // head_channels), **kw)
 
         super().__init__(img_resolution, in_channels, out_channels, model_channels=model_channels,
                          channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
                          embed=PositionalEmbedding(model_channels, endpoint=False), noise_channels=model_channels,
                          stem_channels=model_channels * channel_mult[0], block=block, attn_every_decoder_block=True,
-                         residual_encoder=False, resample_filter=(1, 1), init="default", eps=1e-5)
+                         residual_encoder=False, resample_filter=(1, 1), init="default", eps=1e-5, dropout=dropout,
+                         dropout_res=dropout_res, label_dim=label_dim)
 
 
-def build_unet(net_cfg: UNetNet | ADMNet, shape: tuple[int, int, int]) -> nn.Module:
-    """The image backbone of a run: F(x, c_noise) with x of shape [B, *shape], output of the same shape."""
+def build_unet(net_cfg: UNetNet | ADMNet, shape: tuple[int, int, int], label_dim: int = 0) -> nn.Module:
+    """The image backbone of a run: F(x, c_noise[, labels]) with x of shape [B, *shape], output of the same
+    shape; label_dim > 0 (ADM only) makes it class-conditional."""
     c, h, w = shape
     if h != w:
         raise ValueError(f"U-Nets here take square images, got {h}×{w}")
     if net_cfg.name == "unet":
+        if label_dim:
+            raise ValueError("class conditioning is wired for the ADM net only (EDM's ImageNet-64 config)")
         return SongUNet(h, c, c, model_channels=net_cfg.model_channels, channel_mult=net_cfg.channel_mult,
                         num_blocks=net_cfg.num_blocks, attn_resolutions=net_cfg.attn_resolutions,
-                        dropout=net_cfg.dropout, embedding=net_cfg.embedding, fourier_scale=net_cfg.fourier_scale,
+                        dropout=net_cfg.dropout, dropout_res=net_cfg.dropout_res, embedding=net_cfg.embedding,
+                        fourier_scale=net_cfg.fourier_scale,
                         channel_mult_noise=net_cfg.channel_mult_noise, encoder=net_cfg.encoder,
                         resample_filter=net_cfg.resample_filter)
     if net_cfg.name == "adm":
         return ADMUNet(h, c, c, model_channels=net_cfg.model_channels, channel_mult=net_cfg.channel_mult,
                        num_blocks=net_cfg.num_blocks, attn_resolutions=net_cfg.attn_resolutions,
-                       head_channels=net_cfg.head_channels, dropout=net_cfg.dropout)
+                       head_channels=net_cfg.head_channels, dropout=net_cfg.dropout, dropout_res=net_cfg.dropout_res,
+                       label_dim=label_dim)
     raise ValueError(f"build_unet takes a 'unet' or 'adm' net config, got {net_cfg.name!r}")

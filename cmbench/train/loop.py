@@ -26,6 +26,21 @@ def build_optimizer(cfg: RunConfig, params):
     return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
+def power_ema_gamma(sigma_rel: float) -> float:
+    """γ of EDM2's power-function EMA with relative length σ_rel = sqrt((γ + 1)/((γ + 2)²(γ + 3))) (Karras et al.
+    2024, Eq. 3): the largest real root of γ³ + 7γ² + (16 − σ_rel⁻²)γ + (12 − σ_rel⁻²)."""
+    import numpy as np
+    t = sigma_rel**-2
+    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
+
+
+def ema_beta(t, step: int, gamma: float | None) -> float:
+    """The sampling EMA's decay after 0-based step `step`: constant `train.ema_decay`, or EDM2's power function
+    β = (1 − 1/(k + 1))^(γ + 1) with k + 1 the number of updates so far (EDM2 `power_function_beta` at
+    t_next = (k + 1)·batch, t_delta = batch)."""
+    return t.ema_decay if gamma is None else (step / (step + 1)) ** (gamma + 1)
+
+
 def rng_state(generator: torch.Generator) -> dict:
     state = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -113,6 +128,7 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
     opt = build_optimizer(cfg, params)
     # the data and noise stream, on the training device: its state is the data cursor
     generator = torch.Generator(dev).manual_seed(cfg.run.seed)
+    gamma = power_ema_gamma(t.ema_sigma_rel) if t.ema_sigma_rel is not None else None
 
     ckdir = rdir / "checkpoints"
     state, path = checkpoint.load_latest_valid(ckdir)
@@ -163,8 +179,9 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
             for part in parts:          # this rank's micro-batches of the global batch (Draws: same numbers)
                 generator.set_state(at_step)
                 draws = Draws(generator, t.batch, part)
-                x0 = data.sample_torch(t.batch, generator)[part]
-                per_sample = loss_fn(model, target if target is not None else model, x0, step, draws)
+                x0, labels = data.sample_batch(t.batch, generator)
+                x0, labels = x0[part], None if labels is None else labels[part]
+                per_sample = loss_fn(model, target if target is not None else model, x0, step, draws, labels)
                 micro = per_sample.sum() / t.batch
                 micro.backward()
                 loss += micro.detach()
@@ -179,8 +196,9 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
                 raise diverged(step, "gradient norm", grad_norm)
             opt.step()
             with torch.no_grad():
+                beta = ema_beta(t, step, gamma)
                 for e, p in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(p, 1 - t.ema_decay)
+                    e.lerp_(p, 1 - beta)
                 if target is not None:
                     mu = loss_fn.target_ema(step)
                     for e, p in zip(target.parameters(), model.parameters()):
