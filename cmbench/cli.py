@@ -11,6 +11,8 @@ def _run_args(p: argparse.ArgumentParser, nfe: bool = False) -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--variant", required=True)
     p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--scale", default=None, help="configs/scales/<SCALE>.yaml (e.g. smoke: the paper suites' "
+                   "code paths at tiny sizes; default: the papers' sizes)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value (YAML value); repeatable")
     p.add_argument("--configs", default="configs", help="config directory (default: %(default)s)")
@@ -24,7 +26,8 @@ def _run_args(p: argparse.ArgumentParser, nfe: bool = False) -> None:
 def _resolve(a):
     from cmbench.config import Experiment, parse_overrides
     from cmbench.workflow import check_run
-    return check_run(Experiment(a.configs).resolve(a.suite, a.dataset, a.variant, a.seed, parse_overrides(a.set)))
+    return check_run(Experiment(a.configs).resolve(a.suite, a.dataset, a.variant, a.seed, parse_overrides(a.set),
+                                                   a.scale))
 
 
 def cmd_resolve(a):
@@ -65,6 +68,11 @@ def cmd_report(a):
     from cmbench.report import report
     for path in report(a.suite, a.records, a.tables, a.plots, a.paper_numbers):
         print(path)
+
+
+def cmd_settings(a):
+    from cmbench.settings import settings_table
+    print(settings_table(a.suite, a.configs, a.paper_settings, a.scale))
 
 
 def cmd_bench(a):
@@ -116,6 +124,14 @@ def main(argv=None) -> None:
     p.add_argument("--paper-numbers", default=None,
                    help="reported numbers (default: configs/paper_numbers.yaml; needed for cifar10/imagenet64)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("settings", help="a paper suite's resolved settings beside the papers' values and sources "
+                       "(✓ / ✗ / unverified)")
+    p.add_argument("--suite", required=True)
+    p.add_argument("--scale", default=None, help="configs/scales/<SCALE>.yaml (default: the papers' sizes)")
+    p.add_argument("--configs", default="configs", help="config directory (default: %(default)s)")
+    p.add_argument("--paper-settings", default=None,
+                   help="the papers' values (default: CONFIGS/paper_settings.yaml)")
+    p.set_defaults(func=cmd_settings)
     p = sub.add_parser("bench", help="harness cost as ratios against baselines timed in the same run "
                        "(one JSON per benchmark, a Markdown table)")
     p.add_argument("--out", default="results/bench", help="JSON directory (default: %(default)s)")

@@ -3,20 +3,45 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmbench import paths
-from cmbench.config import ConfigError, Experiment, RunConfig, load_launch_config, parse_overrides
+from cmbench.config import ConfigError, Experiment, RunConfig, check_name, load_launch_config, parse_overrides
 from cmbench.launch import LAUNCHERS
 
 DEFAULT_SUITE = "toy"
-SNAKEMAKE_KEYS = {"suite", "set", "configs", "results", "launcher", "fuse", "launch_config"}
+SNAKEMAKE_KEYS = {"suite", "scale", "set", "configs", "results", "launcher", "fuse", "launch_config"}
 
 
-def check_run(cfg: RunConfig) -> RunConfig:
-    """Checks that need the registries (import torch): the loss name and its parameters. Returns the config
-    with the loss's defaults filled in, so that the printed config and its hash say everything."""
+def check_init(student: RunConfig, teacher: RunConfig) -> None:
+    """A student that starts from its teacher's weights (teacher.init_student) must have the teacher's
+    network: the same parameter names and shapes (built on the meta device: no memory, no init cost), and a
+    preconditioning that reads the teacher's network as it was trained."""
+    import torch
+
+    from cmbench.nets import build_model
+    where = f"config {student.run.suite}/{student.run.dataset}/{student.run.variant}"
+    if teacher.precond.name != "edm":
+        raise ConfigError(f"{where}: init_student needs an EDM teacher, not precond {teacher.precond.name!r}")
+    if student.precond.name == "trigflow" and student.precond.trigflow_net != "edm":
+        raise ConfigError(f"{where}: a TrigFlow student starts from an EDM teacher only with "
+                          f"precond.trigflow_net 'edm'")
+    if student.precond.c_noise_scale != teacher.precond.c_noise_scale:
+        raise ConfigError(f"{where}: precond.c_noise_scale {student.precond.c_noise_scale} differs from the "
+                          f"teacher's {teacher.precond.c_noise_scale}")
+    with torch.device("meta"):
+        s, t = (build_model(c).state_dict() for c in (student, teacher))
+    diff = sorted(k for k in s.keys() | t.keys() if k not in s or k not in t or s[k].shape != t[k].shape)
+    if diff:
+        raise ConfigError(f"{where}: init_student needs the teacher's network ({teacher.run.variant}), but "
+                          f"{len(diff)} parameter(s) differ, e.g. {diff[0]}")
+
+
+def check_run(cfg: RunConfig, data: bool = True) -> RunConfig:
+    """Checks that need the registries (import torch): the loss name and its parameters, and (data) that an image
+    dataset's files are there. Returns the config with the loss's defaults filled in, so that the printed config
+    and its hash say everything."""
     from cmbench import losses
     from cmbench.config import ImageData
     params = losses.build(cfg).params
-    if isinstance(cfg.dataset, ImageData):
+    if data and isinstance(cfg.dataset, ImageData):
         from cmbench.data.images import check_image_data
         check_image_data(cfg.dataset)     # the files exist and have a known layout (not loaded)
     return cfg.model_copy(update={"loss": params.model_dump(mode="json")})
@@ -33,6 +58,7 @@ class Plan:
     launcher: str
     launch_config: str  # cluster facts per job kind (slurm)
     fuse: bool          # one job per run (train, sample, evaluate); default with the inline launcher
+    scale: str | None = None   # configs/scales/<scale>.yaml (e.g. smoke), or the papers' sizes
     _references: dict | None = None
 
     @classmethod
@@ -41,9 +67,14 @@ class Plan:
         if unknown:
             raise ConfigError(f"unknown --config key(s) {sorted(unknown)} (known: {sorted(SNAKEMAKE_KEYS)})")
         suite = config.get("suite", DEFAULT_SUITE)
+        scale = config.get("scale")
+        if scale is not None:
+            scale = check_name("scale", scale)
         overrides = config.get("set") or []
         overrides = overrides.split() if isinstance(overrides, str) else list(overrides)
-        configs, results = str(config.get("configs", "configs")), str(config.get("results", "results"))
+        # a scaled suite gets its own results tree, so that it never mixes with (or sets aside) the full runs
+        configs = str(config.get("configs", "configs"))
+        results = str(config.get("results", "results" if scale is None else f"results/scale-{scale}"))
         exp = Experiment(configs)
         s = exp.suite(suite)
         parsed = parse_overrides(overrides)
@@ -51,14 +82,16 @@ class Plan:
         for dataset in s["datasets"]:
             for variant in s["variants"]:
                 for seed in s["seeds"]:
-                    cfg = check_run(exp.resolve(suite, dataset, variant, seed, parsed))
+                    cfg = check_run(exp.resolve(suite, dataset, variant, seed, parsed, scale))
                     runs[str(paths.run_dir(results, cfg.run))] = cfg
         for cfg in runs.values():     # a trained teacher is trained (not evaluated) even outside the suite
             if cfg.teacher is not None and cfg.teacher.source == "run":
-                t = check_run(exp.resolve(suite, cfg.run.dataset, cfg.teacher.variant, cfg.run.seed, parsed))
+                t = check_run(exp.resolve(suite, cfg.run.dataset, cfg.teacher.variant, cfg.run.seed, parsed, scale))
                 if t.teacher is not None and t.teacher.source == "run":
                     raise ConfigError(f"config {suite}/{cfg.run.dataset}/{t.run.variant}: a teacher run cannot "
                                       f"itself distil a trained run")
+                if cfg.teacher.init_student:
+                    check_init(cfg, t)
                 teachers[str(paths.run_dir(results, t.run))] = t
         launcher = str(config.get("launcher", "inline"))
         if launcher not in LAUNCHERS:
@@ -70,7 +103,7 @@ class Plan:
         if not isinstance(fuse, bool):
             raise ConfigError(f"--config fuse must be True or False, got {fuse!r}")
         plan = cls(suite, runs, {k: v for k, v in teachers.items() if k not in runs}, results, configs,
-                   overrides, launcher, launch_config, fuse)
+                   overrides, launcher, launch_config, fuse, scale)
         plan.reference_sources()      # FID reference keys hash the Inception weights: a missing file fails here
         return plan
 
@@ -125,8 +158,9 @@ class Plan:
 
     def launch_args(self, cfg: RunConfig) -> str:
         sets = "".join(f" --set '{o}'" for o in self.overrides)
+        scale = f" --scale {self.scale}" if self.scale else ""
         return (f"--suite {cfg.run.suite} --dataset {cfg.run.dataset} --variant {cfg.run.variant} "
-                f"--seed {cfg.run.seed} --configs '{self.configs}' --results '{self.results}'{sets}")
+                f"--seed {cfg.run.seed}{scale} --configs '{self.configs}' --results '{self.results}'{sets}")
 
     def launch_env(self) -> dict[str, str]:
         """How jobs are launched travels in the environment, not in rule params: switching between the

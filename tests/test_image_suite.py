@@ -1,6 +1,6 @@
-"""Image suites through the harness: sharded sampling, the digits suite end to end, the paper DAG at dry-run."""
+"""Image suites through the harness: sharded sampling, the digits suite end to end, FID records, dry-run errors
+(the paper suites: test_paper_suites.py)."""
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +15,6 @@ from cmbench.sample import merge_shards, sample_run
 from cmbench.train import loop
 from cmbench.workflow import check_run
 from conftest import REPO
-from test_workflow import planned_jobs
-
-
-def write_cifar_archive(root: Path, per_batch: int = 4) -> Path:
-    """A CIFAR-10 python-pickle archive of the real layout (random pixels)."""
-    d = root / "cifar-10-batches-py"
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(1, 6):
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"labels": [0] * per_batch}
-        (d / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-    return d
 
 
 def run_snakemake(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -65,28 +52,6 @@ def test_digits_suite_end_to_end(tmp_path):
     assert (df.value > 0).all() and (df.value > df.ideal).all() and (df.backend == "cmbench-pixels").all()
     summary = (tmp_path / "tables" / "summary_digits.md").read_text()
     assert "fd @1" in summary and "fd @2" in summary
-
-
-def test_cifar10_paper_dag_dry_run(tmp_path):
-    """`snakemake -n --profile slurm all --config suite=cifar10` lists the whole paper DAG: the EDM teacher and
-    every variant trained, sampled at NFE 1 and 2 (the teacher with Heun), evaluated in pixel space and by both
-    FID libraries, and the tables."""
-    from cmbench.metrics import fid
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    fid.write_random_inception(weights / fid.TF_WEIGHTS)
-    (weights / fid.CF_WEIGHTS).write_bytes(b"not read at dry-run")
-    data = write_cifar_archive(tmp_path)
-    r = run_snakemake("-n", "--profile", "slurm", "--config", "suite=cifar10", f"results={tmp_path / 'res'}",
-                      f"set=dataset.path={data}", env={"CMBENCH_WEIGHTS": str(weights)})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    jobs = planned_jobs(r.stdout)
-    variants = 8                                      # edm + ct, ict, cd, direct_cm, sct, scd, ect
-    samples = (variants - 1) * 2 + 1                  # NFE 1 and 2; the teacher at NFE 35
-    assert jobs == {"all": 1, "train": variants, "sample": samples, "evaluate": samples * 4, "collect": variants,
-                    "reference": 4, "report": 1}
-    for spec in ("torch-fidelity", "clean-fid-legacy_tensorflow", "clean-fid-clean"):
-        assert f"metrics/nfe2-{spec}.json" in r.stdout
 
 
 def test_missing_dataset_fails_at_dry_run(tmp_path):
