@@ -101,7 +101,8 @@ def settings_table(suite: str, configs: str | Path = "configs", paper_settings: 
                                               else f" ({row['status']})")
                 out.append(f"| {variant} | `{key}` | {_fmt(ours)} | {paper} | {m} | {row['source']} |")
         out.append("")
-    summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("✓", "✗", "unverified", "✗ (unverified)", NOT_STATED))
+    summary = ", ".join(f"{counts[k]} {k}" for k in ("✓", "✗", "unverified", "✗ (unverified)", NOT_STATED)
+                        if counts.get(k))
     head = [f"# Settings of suite `{suite}` beside the papers", "",
             f"{summary}. ✗ rows are deviations; each is explained in the variant's YAML (configs/variants/).", ""]
     return "\n".join(head + out)
