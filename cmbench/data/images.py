@@ -436,6 +436,11 @@ def _layout(cfg: ImageData) -> tuple[str, Path]:
     raise ConfigError(f"{bad}: {EXPECTED[cfg.source]}")
 
 
+def _npz_files(layout: str, path: Path) -> list[Path]:
+    """The npz files of an `npz` or `imagenet-dir` layout."""
+    return [path] if layout == "npz" else [path / n for n in IMAGENET_BATCHES]
+
+
 def _imagenet_keys(source: str) -> tuple[str, ...]:
     return ("data",) if source == "imagenet-dir" else NPZ_KEYS
 
@@ -458,7 +463,7 @@ def check_image_data(cfg: ImageData) -> None:
                           f"(a {layout} layout carries none)")
     try:
         if layout == "npz" or layout == "imagenet-dir":
-            files = [path] if layout == "npz" else [path / n for n in IMAGENET_BATCHES]
+            files = _npz_files(layout, path)
             total = 0
             for p in files:
                 headers = _npz_headers(p)
@@ -568,8 +573,7 @@ def _load_path(cfg: ImageData, layout: str, path: Path) -> np.ndarray:
         return _load_cifar_tar(path, cfg.size)
     if layout == "folder":
         return _load_folder(path, res, ch, cfg.size)
-    files = [path] if layout == "npz" else [path / n for n in IMAGENET_BATCHES]
-    return _load_npz_files(files, _imagenet_keys(layout), res, ch, cfg.size, str(path))
+    return _load_npz_files(_npz_files(layout, path), _imagenet_keys(layout), res, ch, cfg.size, str(path))
 
 
 def make_image_data(cfg: ImageData) -> ImageDataset:
@@ -585,8 +589,7 @@ def make_image_data(cfg: ImageData) -> ImageDataset:
         try:
             images = _load_path(cfg, layout, path)
             if cfg.conditional:
-                files = [path] if layout == "npz" else [path / n for n in IMAGENET_BATCHES]
-                labels = _load_npz_labels(files, len(images), str(path))
+                labels = _load_npz_labels(_npz_files(layout, path), len(images), str(path))
         except ConfigError as e:    # the helpers' messages start with the file at fault
             raise ConfigError(f"{cfg.source} path {e}") from None
     where = f"{cfg.source}" + (f" path {info['path']}" if "path" in info else "")
