@@ -1,11 +1,15 @@
 """Where every artifact lives: results/runs/{suite}/{dataset}/{variant}/s{seed}/..."""
 from pathlib import Path
 
-from cmbench.config import RunId
 
-
-def run_dir(results: str | Path, run: RunId) -> Path:
+def run_dir(results: str | Path, run) -> Path:
+    """run: the config's RunId (suite, dataset, variant, seed)."""
     return Path(results) / "runs" / run.suite / run.dataset / run.variant / f"s{run.seed}"
+
+
+def results_of(rdir: Path) -> Path:
+    """The results tree a run dir belongs to (the inverse of run_dir): where its shared references live."""
+    return Path(rdir).parents[4]
 
 
 def sibling_run(rdir: Path, variant: str) -> Path:
@@ -14,8 +18,32 @@ def sibling_run(rdir: Path, variant: str) -> Path:
     return rdir.parent.parent / variant / rdir.name
 
 
+def config_file(rdir: Path) -> Path:
+    """The resolved, validated config of the run and its hash, written when the workflow is planned: every
+    stage reads it, none reads configs/."""
+    return Path(rdir) / "config.json"
+
+
+def checkpoints_dir(rdir: Path) -> Path:
+    return Path(rdir) / "checkpoints"
+
+
+def stats_file(rdir: Path) -> Path:
+    """Training statistics, one JSON line per train.log_every steps."""
+    return Path(rdir) / "stats.jsonl"
+
+
 def final_weights(rdir: Path) -> Path:
     return Path(rdir) / "final.pt"
+
+
+def jobs_dir(rdir: Path) -> Path:
+    """submitit's job folders and one record per launched stage (job id, config hash): what a restart re-attaches to."""
+    return Path(rdir) / "jobs"
+
+
+def logs_dir(rdir: Path) -> Path:
+    return Path(rdir) / "logs"
 
 
 def samples_file(rdir: Path, nfe: int) -> Path:

@@ -1,34 +1,30 @@
 """The report: reported numbers (configs/paper_numbers.yaml), summary tables, ODE-error-vs-quality verdicts, plots.
 
 Golden files: tests/golden/{summary,ode_vs_quality,ode_vs_quality_verdicts}_golden.* are the tables that
-`cmbench.report.write_tables` renders from the hand-written fixture records in tests/golden/records/ (a toy dataset
-with ideal values; cifar10 FID from torch-fidelity and clean-fid at NFE 1 and 2 over 2 seeds; `cd` has a paper
-number, `direct_cm` has none and lacks NFE 2) and configs/paper_numbers.yaml. They are compared byte for byte.
-After an intended change of the tables (or of the paper numbers they show), regenerate them with
-
-    CMBENCH_REGEN_GOLDEN=1 pytest tests/test_report.py -k golden
-
-and review `git diff tests/golden` before committing."""
+`cmbench.report.build.write_tables` renders from the hand-written fixture records in tests/golden/records/ (a toy
+dataset with ideal values; cifar10 FID from torch-fidelity and clean-fid at NFE 1 and 2 over 2 seeds; `cd` has a
+paper number, `direct_cm` has none and lacks NFE 2) and configs/paper_numbers.yaml. They are compared byte for
+byte. After an intended change of the tables (or of the paper numbers they show), regenerate them with
+`python tests/regen_golden.py` and review `git diff tests/golden` before committing."""
 import json
-import os
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from regen_golden import FIXTURES, GOLDEN, PAPER_NUMBERS, TABLES, render
 
-from cmbench import report as rp
 from cmbench.cli import main
 from cmbench.config import ConfigError
-
-GOLDEN = REPO / "tests" / "golden"
-FIXTURES = sorted((GOLDEN / "records").glob("*.json"))
-PAPER_NUMBERS = REPO / "configs" / "paper_numbers.yaml"
-TABLES = ["summary_golden.csv", "summary_golden.md", "summary_golden.tex", "ode_vs_quality_golden.csv",
-          "ode_vs_quality_golden.md", "ode_vs_quality_golden.tex", "ode_vs_quality_verdicts_golden.csv"]
+from cmbench.metrics.keys import ODE_ERROR
+from cmbench.report import papers as paper_numbers
+from cmbench.report import plots, records, report, report_outputs, tables
+from cmbench.report.claims import DIRECT_CM_VS_CD, ode_vs_quality, write_ode_vs_quality
+from cmbench.report.papers import PROTOCOL_REQUIRED, STATUSES, load_paper_numbers, primary_numbers
 
 # Every number of papers.md §10 as (dataset, NFE, value): §10.1 CIFAR-10 (31), §10.2 ImageNet-64 (45).
 SECTION_10 = {
@@ -51,31 +47,41 @@ SECTION_10 = {
 
 @pytest.fixture(scope="module")
 def papers():
-    return rp.load_paper_numbers(PAPER_NUMBERS)
+    return load_paper_numbers(PAPER_NUMBERS)
 
 
 @pytest.fixture(scope="module")
-def golden_dir(tmp_path_factory, papers):
+def golden_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("golden")
-    rp.write_tables(rp.load_records(FIXTURES), "golden", out, rp.primary_numbers(papers))
+    render(out)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ paper numbers
 def test_paper_numbers_hold_every_section_10_number(papers):
     for section, expected in SECTION_10.items():
-        got = papers[papers["source"] == section]
+        got = [e for e in papers if e["source"] == section]
         assert len(got) == len(expected) == {"§10.1": 31, "§10.2": 45}[section]
-        assert Counter(zip(got["dataset"], got["nfe"], got["value"].round(2))) == Counter(expected)
-    assert set(papers["status"]) == set(rp.STATUSES) and (papers["metric"] != "").all()
+        assert Counter((e["dataset"], e["nfe"], round(e["value"], 2)) for e in got) == Counter(expected)
+    assert {e["status"] for e in papers} == set(STATUSES) and all(e["metric"] for e in papers)
     # the headline choices documented in the file
-    prim = rp.primary_numbers(papers)
+    prim = primary_numbers(papers)
     assert prim[("cifar10", "edm", "fid", 35)]["value"] == 1.97
     assert (prim[("cifar10", "cd", "fid", 1)]["value"], prim[("cifar10", "cd", "fid", 2)]["value"]) == (3.55, 2.93)
     assert prim[("imagenet64", "sct", "fid", 1)]["model"] == "XL"
-    assert papers[papers["variant"].isna()]["primary"].eq(False).all()
-    for r in papers.to_dict("records"):
-        assert r["citation"] and r["budget"] and set(rp.PROTOCOL_REQUIRED) <= set(r["protocol"])
+    assert not any(e["primary"] for e in papers if e["variant"] is None)
+    for e in papers:
+        assert e["citation"] and e["budget"] and set(PROTOCOL_REQUIRED) <= set(e["protocol"])
+
+
+def test_the_workflow_loads_the_paper_numbers_without_pandas():
+    """The workflow calls report_outputs and load_paper_numbers while Snakemake parses it: plain data, and none of
+    pandas, matplotlib or seaborn imported."""
+    code = (f"import sys; from cmbench.report import load_paper_numbers, report_outputs; "
+            f"e = load_paper_numbers({str(PAPER_NUMBERS)!r}); report_outputs('toy', 't', 'p'); "
+            f"assert isinstance(e, list) and isinstance(e[0], dict); "
+            f"heavy = {{'pandas', 'matplotlib', 'seaborn'}} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _bad_file(tmp_path, edit) -> Path:
@@ -112,20 +118,18 @@ def _entry(data, method, nfe, **match):
 def test_paper_numbers_loader_rejects_a_bad_entry_in_one_line(tmp_path, edit, message):
     path = _bad_file(tmp_path, edit)
     with pytest.raises(ConfigError, match=message) as e:
-        rp.load_paper_numbers(path)
+        load_paper_numbers(path)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
 def test_the_unedited_copy_loads(tmp_path):
-    assert len(rp.load_paper_numbers(_bad_file(tmp_path, lambda d: None))) > 76
+    assert len(load_paper_numbers(_bad_file(tmp_path, lambda d: None))) > 76
 
 
 # ------------------------------------------------------------------------------------------------------- tables
 @pytest.mark.parametrize("name", TABLES)
 def test_golden(golden_dir, name):
     got = (golden_dir / name).read_bytes()
-    if os.environ.get("CMBENCH_REGEN_GOLDEN"):
-        (GOLDEN / name).write_bytes(got)
     assert got == (GOLDEN / name).read_bytes(), f"{name} differs from tests/golden (see this file's docstring)"
 
 
@@ -158,22 +162,18 @@ def test_summary_cells(golden_dir):
     assert "max relative difference 0.33% over 6 sample sets" in (golden_dir / "summary_golden.md").read_text()
 
 
-def _records(extra=()):
-    return pd.concat([rp.load_records(FIXTURES), *extra], ignore_index=True)
-
-
 def test_protocol_flag_names_each_difference():
-    df = rp._with_keys(rp.load_records(FIXTURES).query("dataset == 'cifar10'"))
+    df = records.with_keys(records.load_records(FIXTURES).query("dataset == 'cifar10'"))
     edm = {"protocol": {"n_samples": 50000, "features": "inception_tf", "reference_split": "train",
                         "conditional": False, "aggregate": "min over 3 sample sets"}}
     r = df[(df["variant"] == "cd") & (df["nfe"] == 1) & (df["backend"] == "torch-fidelity")]
-    assert rp.protocol_flag(r, edm) == "✗ paper: min over 3 sample sets, ours: mean over seeds"
+    assert tables.protocol_flag(r, edm) == "✗ paper: min over 3 sample sets, ours: mean over seeds"
     clean = r.assign(backend="clean-fid", mode="clean", reference_split=None, conditional=True)
-    assert rp.protocol_flag(clean, {"protocol": {**edm["protocol"], "aggregate": None}}) == (
+    assert tables.protocol_flag(clean, {"protocol": {**edm["protocol"], "aggregate": None}}) == (
         "✗ clean-fid clean Inception vs TF Inception; ✗ conditional vs unconditional; "
         "? our reference split not recorded")
     unknown = {"protocol": {"n_samples": None, "features": None, "reference_split": None, "conditional": False}}
-    assert rp.protocol_flag(r, unknown) == "? paper protocol not stated"
+    assert tables.protocol_flag(r, unknown) == "? paper protocol not stated"
 
 
 # -------------------------------------------------------------------------------------------- ODE vs quality
@@ -181,7 +181,7 @@ def _toy(ode: dict, quality: dict, nfe=1, metric="w2", dataset="gauss1d") -> pd.
     """Records of cd and direct_cm: {variant: [value per seed]} for ode_error and the quality metric."""
     rows = [{"suite": "t", "dataset": dataset, "variant": v, "seed": s, "nfe": nfe, "metric": m, "backend": "toy",
              "mode": "", "value": x, "ideal": None, "n_gen": 100}
-            for m, per in ((rp.ODE_ERROR, ode), (metric, quality)) for v, xs in per.items() for s, x in enumerate(xs)]
+            for m, per in ((ODE_ERROR, ode), (metric, quality)) for v, xs in per.items() for s, x in enumerate(xs)]
     return pd.DataFrame(rows)
 
 
@@ -201,7 +201,7 @@ def _toy(ode: dict, quality: dict, nfe=1, metric="w2", dataset="gauss1d") -> pd.
     ({"cd": [0.30, 0.32]}, {"cd": [0.010, 0.011]}, "not evaluated", "no Direct CM records"),
 ])
 def test_ode_vs_quality_verdict(ode, quality, outcome, words):
-    table, verdicts = rp.ode_vs_quality(_toy(ode, quality))
+    table, verdicts = ode_vs_quality(_toy(ode, quality), DIRECT_CM_VS_CD)
     assert len(verdicts) == 1
     v = verdicts.iloc[0]
     assert (v["dataset"], v["nfe"], v["quality_metric"], v["outcome"]) == ("gauss1d", 1, "w2", outcome)
@@ -212,21 +212,21 @@ def test_ode_vs_quality_verdict(ode, quality, outcome, words):
 def test_ode_vs_quality_uses_fd_and_sliced_w2_on_mixtures_and_skips_other_nfe():
     df = pd.concat([_toy({"cd": [1, 1.1], "direct_cm": [0.5, 0.6]}, {"cd": [1, 1.1], "direct_cm": [2, 2.1]},
                          metric=m, dataset="ring2d", nfe=n) for m in ("fd", "sliced_w2") for n in (1, 35)])
-    table, verdicts = rp.ode_vs_quality(df)
+    table, verdicts = ode_vs_quality(df, DIRECT_CM_VS_CD)
     assert list(zip(verdicts["quality_metric"], verdicts["outcome"])) == [("fd", "holds"), ("sliced_w2", "holds")]
     assert set(table["NFE"]) == {1}
 
 
 def test_no_ode_records_gives_empty_tables_not_blank_ones(tmp_path):
-    fid_only = rp.load_records(FIXTURES).query("dataset == 'cifar10'")
-    paths = rp.write_ode_vs_quality(fid_only, "img", tmp_path)
+    fid_only = records.load_records(FIXTURES).query("dataset == 'cifar10'")
+    paths = write_ode_vs_quality(fid_only, "img", tmp_path, DIRECT_CM_VS_CD)
     assert "No ode_error records" in (tmp_path / "ode_vs_quality_img.md").read_text()
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
 
 
 # -------------------------------------------------------------------------------------------- outputs and plots
 def test_report_outputs_depend_only_on_names():
-    out = rp.report_outputs("toy", "results/tables", "results/plots")
+    out = report_outputs("toy", "results/tables", "results/plots")
     assert [str(p) for p in out] == [
         "results/tables/records.csv", "results/tables/summary_toy.csv", "results/tables/summary_toy.md",
         "results/tables/summary_toy.tex", "results/tables/ode_vs_quality_toy.csv",
@@ -253,28 +253,31 @@ def _run_layout(root: Path) -> list[Path]:
     return files
 
 
-def test_report_writes_every_output_with_plots(tmp_path):
+def test_report_writes_every_output_with_plots(tmp_path, capsys):
     files = _run_layout(tmp_path / "results")
-    tables, plots = tmp_path / "results" / "tables", tmp_path / "results" / "plots"
-    main(["report", "--suite", "golden", "--records", *map(str, files), "--tables", str(tables),
-          "--plots", str(plots), "--paper-numbers", str(PAPER_NUMBERS)])
-    out = rp.report_outputs("golden", tables, plots)
+    tables_dir, plots_dir = tmp_path / "results" / "tables", tmp_path / "results" / "plots"
+    main(["report", "--suite", "golden", "--records", *map(str, files), "--tables", str(tables_dir),
+          "--plots", str(plots_dir), "--paper-numbers", str(PAPER_NUMBERS)])
+    out = report_outputs("golden", tables_dir, plots_dir)
+    assert capsys.readouterr().out.split() == [str(p) for p in out]          # what it wrote, in that order
     assert all(p.exists() and p.stat().st_size > 0 for p in out)
     assert all(p.stat().st_size > 10_000 for p in out if p.suffix == ".png")   # real figures, not placeholders
-    assert len(rp.training_curves(rp.load_records(files))) == len(files) * 10 * 2
+    assert not list((tmp_path / "results").rglob(".*tmp*"))                   # atomic writes left no temp file
+    assert len(records.training_curves(records.load_records(files))) == len(files) * 10 * 2
     for name in TABLES:                                   # the same tables as from the flat fixture files
-        assert (tables / name).read_bytes() == (GOLDEN / name).read_bytes()
+        assert (tables_dir / name).read_bytes() == (GOLDEN / name).read_bytes()
 
 
 def test_placeholder_plots_when_there_is_nothing_to_show(tmp_path):
-    toy = rp.load_records(FIXTURES).query("dataset == 'gauss1d'")
-    rp.plot_fid_agreement(toy, tmp_path / "fid.png")
-    rp.plot_training(toy, tmp_path / "training.png")           # the flat fixture files have no stats.jsonl
-    rp.plot_ode_vs_quality(rp.load_records(FIXTURES).query("dataset == 'cifar10'"), tmp_path / "ode.png")
+    toy = records.load_records(FIXTURES).query("dataset == 'gauss1d'")
+    plots.plot_fid_agreement(toy, tmp_path / "fid.png")
+    plots.plot_training(toy, tmp_path / "training.png")        # the flat fixture files have no stats.jsonl
+    plots.plot_ode_vs_quality(records.load_records(FIXTURES).query("dataset == 'cifar10'"), tmp_path / "ode.png",
+                              DIRECT_CM_VS_CD)
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("fid.png", "training.png", "ode.png"))
 
 
 def test_paper_datasets_need_the_paper_numbers_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(rp, "_default_paper_numbers", lambda: None)
+    monkeypatch.setattr(paper_numbers, "default_paper_numbers", lambda: None)
     with pytest.raises(ConfigError, match="paper_numbers.yaml not found"):
-        rp.report("golden", FIXTURES, tmp_path / "t", tmp_path / "p")
+        report("golden", FIXTURES, tmp_path / "t", tmp_path / "p")

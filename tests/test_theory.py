@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 from scipy.linalg import sqrtm
 
-from cmbench.studies import theory as th
+from cmbench.studies.theory import StudySettings, run_theory_study
+from cmbench.studies.theory import model as th
 
 SIGMA_MIN, SIGMA_MAX = th.SIGMA_MIN, th.SIGMA_MAX
 
@@ -133,8 +134,9 @@ def test_loglog_slope_and_n_eps():
 
 def test_run_theory_study_tiny(tmp_path):
     """(e) a tiny study writes every file, and no summary cell is blank."""
-    paths = th.run_theory_study(tmp_path / "theory", dims=(1, 2, 4), ns=(4, 8, 16, 32, 64), eps=0.05,
-                                n_samples=300, seeds=(0, 1), fit_min_n=8, full_dims=(1, 2))
+    tiny = StudySettings(dims=(1, 2, 4), ns=(4, 8, 16, 32, 64), eps=0.05, n_samples=300, seeds=(0, 1), fit_min_n=8,
+                         full_dims=(1, 2))
+    paths = run_theory_study(tmp_path / "theory", tiny)
     names = {p.name for p in paths}
     assert names == {"theory.csv", "theory_slopes.csv", "theory_summary.md", "theory_summary.tex",
                      "theory.png"}

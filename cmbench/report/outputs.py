@@ -1,0 +1,33 @@
+"""The files the report writes for a suite: a pure function of the names, so Snakemake knows them when it parses
+the workflow (and this module imports nothing heavy). The writers take their paths from here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+PLOTS = ("metrics", "training", "fid_agreement", "ode_vs_quality")
+
+
+def records_csv(tables: str | Path) -> Path:
+    return Path(tables) / "records.csv"
+
+
+def summary_files(tables: str | Path, suite: str) -> list[Path]:
+    """The summary as CSV, Markdown and LaTeX."""
+    return [Path(tables) / f"summary_{suite}.{ext}" for ext in ("csv", "md", "tex")]
+
+
+def ode_vs_quality_files(tables: str | Path, suite: str) -> list[Path]:
+    """The ODE-error-vs-quality table as CSV, Markdown and LaTeX, then its verdicts as CSV."""
+    tables = Path(tables)
+    return ([tables / f"ode_vs_quality_{suite}.{ext}" for ext in ("csv", "md", "tex")]
+            + [tables / f"ode_vs_quality_verdicts_{suite}.csv"])
+
+
+def plot_file(plots: str | Path, suite: str, name: str) -> Path:
+    return Path(plots) / f"{suite}_{name}.png"
+
+
+def report_outputs(suite: str, tables: str | Path, plots: str | Path) -> list[Path]:
+    """Every file `report` writes for a suite (Snakemake's rule outputs), in the order it writes them."""
+    return ([records_csv(tables)] + summary_files(tables, suite) + ode_vs_quality_files(tables, suite)
+            + [plot_file(plots, suite, name) for name in PLOTS])
