@@ -5,6 +5,7 @@
 import os
 import sys
 
+from cmbench import paths
 from cmbench.config import ConfigError
 from cmbench.errors import MissingWeights
 from cmbench.workflow import Plan
@@ -15,7 +16,17 @@ except (ConfigError, MissingWeights) as e:   # before any job: a bad config, or 
     sys.exit(f"cmbench: config error: {e}")
 os.environ.update(P.launch_env())
 
-RUN = f"{P.results}/runs/{{suite}}/{{dataset}}/{{variant}}/s{{seed}}"
+
+# Before the first job (not on a dry run): every run's config as planned now goes to RUN/config.json, the one
+# file its stages read (rewritten only where the config changed; the rules' config_hash re-runs those runs).
+onstart:
+    P.write_configs()
+
+# a run's files, as cmbench.paths lays them out, with wildcards for the run's parts, its NFE and metric set
+RUN = P.run_pattern
+FINAL, RECORDS = str(paths.final_weights(RUN)), str(paths.records_file(RUN))
+SAMPLES, METRICS = str(paths.samples_file(RUN, "{nfe}")), str(paths.metrics_file(RUN, "{nfe}", "{metric}"))
+LOGS = paths.logs_dir(RUN)
 
 # The HTML report, `snakemake --report results/report.html` (same --config as the run; it runs no job): the
 # CSV tables and PNG plots of SHOWN, each with its caption from report/ (the Markdown and LaTeX copies stay
@@ -86,16 +97,16 @@ if P.fuse:
             P.teacher_weights,
             P.references,
         output:
-            f"{RUN}/final.pt",
-            f"{RUN}/metrics/records.json",
+            FINAL,
+            RECORDS,
         params:
-            config_hash=lambda w: P.run(w).hash,
+            config_hash=lambda w: P.run(w).hash,   # a changed config re-runs the job
             args=P.args,
         threads: lambda w: P.run(w).train.threads
         resources:
             cluster_jobs=1,   # a queued job (capped by the slurm profile)
         log:
-            f"{RUN}/logs/run.log",
+            f"{LOGS}/run.log",
         shell:
             "cmbench launch run {params.args} > {log} 2>&1"
 
@@ -105,7 +116,7 @@ else:
         input:
             P.teacher_weights,
         output:
-            f"{RUN}/final.pt",
+            FINAL,
         params:
             config_hash=lambda w: P.run(w).hash,   # a changed config re-runs the job
             args=P.args,
@@ -113,38 +124,38 @@ else:
         resources:
             cluster_jobs=1,   # a queued job (capped by the slurm profile)
         log:
-            f"{RUN}/logs/train.log",
+            f"{LOGS}/train.log",
         shell:
             "cmbench launch train {params.args} > {log} 2>&1"
 
     rule sample:
         input:
-            f"{RUN}/final.pt",
+            FINAL,
         output:
-            f"{RUN}/samples/nfe{{nfe}}.npz",
+            SAMPLES,
         params:
             args=P.args,
         resources:
             cluster_jobs=1,   # a queued job (capped by the slurm profile)
         log:
-            f"{RUN}/logs/sample-nfe{{nfe}}.log",
+            f"{LOGS}/sample-nfe{{nfe}}.log",
         shell:
             "cmbench launch sample {params.args} --nfe {wildcards.nfe} > {log} 2>&1"
 
     # one job per metric set (exact/pixel metrics, each FID library), all reading the same samples
     rule evaluate:
         input:
-            samples=f"{RUN}/samples/nfe{{nfe}}.npz",
+            samples=SAMPLES,
             reference=P.reference,
         output:
-            f"{RUN}/metrics/nfe{{nfe}}-{{metric}}.json",
+            METRICS,
         params:
             args=P.args,
             metric=P.metric_set,
         resources:
             cluster_jobs=1,   # a queued job (capped by the slurm profile)
         log:
-            f"{RUN}/logs/evaluate-nfe{{nfe}}-{{metric}}.log",
+            f"{LOGS}/evaluate-nfe{{nfe}}-{{metric}}.log",
         shell:
             "cmbench launch evaluate {params.args} --nfe {wildcards.nfe} --metric {params.metric} > {log} 2>&1"
 
@@ -152,11 +163,11 @@ else:
         input:
             P.metric_inputs,
         output:
-            f"{RUN}/metrics/records.json",
+            RECORDS,
         params:
             args=P.args,
         log:
-            f"{RUN}/logs/collect.log",
+            f"{LOGS}/collect.log",
         shell:
             "cmbench launch collect {params.args} > {log} 2>&1"
 

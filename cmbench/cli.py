@@ -6,7 +6,8 @@ import sys
 import yaml
 
 
-def _run_args(p: argparse.ArgumentParser, nfe: bool = False) -> None:
+def _config_args(p: argparse.ArgumentParser) -> None:
+    """Which run to resolve from configs/: what planning does (the stages take the run directory instead)."""
     p.add_argument("--suite", default="toy")
     p.add_argument("--dataset", required=True)
     p.add_argument("--variant", required=True)
@@ -16,31 +17,32 @@ def _run_args(p: argparse.ArgumentParser, nfe: bool = False) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value (YAML value); repeatable")
     p.add_argument("--configs", default="configs", help="config directory (default: %(default)s)")
-    p.add_argument("--results", default="results", help="results directory (default: %(default)s)")
-    if nfe:
-        p.add_argument("--nfe", type=int)
-        p.add_argument("--metric", default="data", help="evaluate/reference: the metric set, 'data' or an FID "
-                       "backend in evaluate.fid (default: %(default)s)")
 
 
-def _resolve(a):
-    from cmbench.config import Experiment, parse_overrides
-    from cmbench.workflow import check_run
-    return check_run(Experiment(a.configs).resolve(a.suite, a.dataset, a.variant, a.seed, parse_overrides(a.set),
-                                                   a.scale))
+def _run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory (its config.json, written by planning or by "
+                   "`cmbench resolve --write`, is all a stage reads)")
 
 
 def cmd_resolve(a):
-    cfg = _resolve(a)
+    from cmbench.checks import check_run
+    from cmbench.config import Experiment, parse_overrides, write_run_config
+    cfg = check_run(Experiment(a.configs).resolve(a.suite, a.dataset, a.variant, a.seed, parse_overrides(a.set),
+                                                  a.scale))
+    if a.write is not None:
+        from cmbench import paths
+        rdir = paths.run_dir(a.write, cfg.run)
+        write_run_config(cfg, rdir)
+        print(rdir)
+        return
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     print(f"# hash: {cfg.hash}")
 
 
 def cmd_train(a):
-    from cmbench import paths
+    from cmbench.config import load_run_config
     from cmbench.train.loop import train
-    cfg = _resolve(a)
-    print(train(cfg, paths.run_dir(a.results, cfg.run)))
+    print(train(load_run_config(a.run), a.run))
 
 
 def cmd_sample(a):
@@ -50,18 +52,18 @@ def cmd_sample(a):
 
 
 def cmd_evaluate(a):
+    from cmbench import paths
     from cmbench.metrics.evaluate import evaluate_run
-    print(evaluate_run(a.run, a.nfe, a.results, a.metric))
+    print(evaluate_run(a.run, a.nfe, a.results or paths.results_of(a.run), a.metric))
 
 
 def cmd_launch(a):
-    from cmbench.launch import launch
     from cmbench.config import load_launch_config
-    from cmbench.launch import RUN_STAGES
+    from cmbench.launch import RUN_STAGES, launch
     if a.stage not in RUN_STAGES and a.nfe is None:
         sys.exit(f"cmbench: error: launch {a.stage} needs --nfe")
     launch_cfg = load_launch_config(a.launch_config) if a.launcher == "slurm" else None
-    launch(a.stage, _resolve(a), a.results, a.nfe, a.launcher, launch_cfg, a.metric)
+    launch(a.stage, a.run, a.nfe, a.launcher, launch_cfg, a.metric)
 
 
 def cmd_report(a):
@@ -75,45 +77,43 @@ def cmd_settings(a):
     print(settings_table(a.suite, a.configs, a.paper_settings, a.scale))
 
 
-def cmd_bench(a):
-    from cmbench.bench import run
-    flags = [f"--out {a.out}"] + (["--toy-suite"] if a.toy_suite else []) + (["--quick"] if a.quick else []) + \
-        ([f"--only {','.join(a.only)}"] if a.only else []) + ([f"--repeats {a.repeats}"] if a.repeats else [])
-    for path in run(a.out, a.toy_suite, a.quick, a.configs, a.only, a.repeats, " ".join(["cmbench bench", *flags])):
-        print(path, file=sys.stderr)
-
-
-def main(argv=None) -> None:
-    from cmbench.config import ConfigError
-    from cmbench.errors import JobFailed, MissingWeights, TrainingDiverged
-    from cmbench.launch import LAUNCHERS, STAGES
+def parser() -> argparse.ArgumentParser:
+    from cmbench.config import LAUNCHERS
+    from cmbench.launch import STAGES
 
     ap = argparse.ArgumentParser(prog="cmbench", description="consistency-model benchmark harness")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("resolve", help="print a run's merged, validated config and its hash")
-    _run_args(p)
+    p = sub.add_parser("resolve", help="print a run's merged, validated config and its hash (--write: plan the "
+                       "run, i.e. write RESULTS/runs/.../config.json)")
+    _config_args(p)
+    p.add_argument("--write", metavar="RESULTS", default=None, help="write the run's config.json under this results "
+                   "directory and print the run directory")
     p.set_defaults(func=cmd_resolve)
     p = sub.add_parser("train", help="train one run in this process (resumes; no-op when finished)")
-    _run_args(p)
+    _run_arg(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("launch", help="run a stage of one run through a launcher and wait for it")
     p.add_argument("stage", choices=sorted(STAGES))
+    _run_arg(p)
+    p.add_argument("--nfe", type=int)
+    p.add_argument("--metric", default="data", help="evaluate/reference: the metric set, 'data' or an FID "
+                   "backend in evaluate.fid (default: %(default)s)")
     p.add_argument("--launcher", choices=LAUNCHERS, default=os.environ.get("CMBENCH_LAUNCHER", "inline"),
                    help="default: $CMBENCH_LAUNCHER, else %(default)s")
     p.add_argument("--launch-config", default=os.environ.get("CMBENCH_LAUNCH_CONFIG", "configs/launch/slurm.yaml"),
                    help="cluster resources per job kind, for --launcher slurm (default: %(default)s)")
-    _run_args(p, nfe=True)
     p.set_defaults(func=cmd_launch)
     p = sub.add_parser("sample", help="sample a finished run to an npz (samples, seeds, x_T, σ list)")
-    p.add_argument("--run", required=True, help="run directory")
+    _run_arg(p)
     p.add_argument("--nfe", type=int, required=True)
     p.add_argument("--out", default=None, help="output npz (default: RUN/samples/nfeK.npz)")
     p.add_argument("--shard", default="0/1", metavar="I/K", help="sample block I of K of the seeds (default: all)")
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("evaluate", help="metric records for a run's samples at one NFE")
-    p.add_argument("--run", required=True)
+    _run_arg(p)
     p.add_argument("--nfe", type=int, required=True)
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", default=None, help="where cached references live (default: the results tree of "
+                   "--run)")
     p.add_argument("--metric", default="data", help="'data' or an FID backend in evaluate.fid (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("report", help="collate metric records into tables and plots")
@@ -132,17 +132,14 @@ def main(argv=None) -> None:
     p.add_argument("--paper-settings", default=None,
                    help="the papers' values (default: CONFIGS/paper_settings.yaml)")
     p.set_defaults(func=cmd_settings)
-    p = sub.add_parser("bench", help="harness cost as ratios against baselines timed in the same run "
-                       "(one JSON per benchmark, a Markdown table)")
-    p.add_argument("--out", default="results/bench", help="JSON directory (default: %(default)s)")
-    p.add_argument("--toy-suite", action="store_true", help="also time `snakemake --cores 2 all` end to end (~10 min)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the plumbing, not the speed")
-    p.add_argument("--only", type=lambda s: s.split(","), default=None, metavar="NAME[,NAME]",
-                   help="harness, sct, fid, ode, toy_suite, gpu (default: all; toy_suite needs --toy-suite)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default: 3; --quick: 1)")
-    p.add_argument("--configs", default="configs", help="config directory (default: %(default)s)")
-    p.set_defaults(func=cmd_bench)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    from cmbench.config import ConfigError
+    from cmbench.errors import JobFailed, MissingWeights, TrainingDiverged
+
+    a = parser().parse_args(argv)
     try:
         a.func(a)
     except (ConfigError, TrainingDiverged, JobFailed, MissingWeights) as e:

@@ -1,8 +1,8 @@
 """Load, merge, validate and hash run configs.
 
 One schema (the pydantic models below) serves the Snakefile (through cmbench.workflow) and the package.
-Merge order, lowest first: configs/defaults.yaml < datasets/<dataset>.yaml < variants/<variant>.yaml
-< the variant's `per_kind: {<dataset kind>: ...}` block (e.g. `image`: what changes on images)
+Merge order, lowest first: the schema's defaults < configs/defaults.yaml < datasets/<dataset>.yaml
+< variants/<variant>.yaml < the variant's `per_kind: {<dataset kind>: ...}` block (e.g. `image`: what changes on images)
 < its `per_dataset: {<dataset>: ...}` block (a paper's settings for that dataset) < a scale's layers
 (`--config scale=smoke`: configs/scales/smoke.yaml, sizes only) < `--set key.path=value`.
 """
@@ -18,7 +18,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, model_validator
 
+from cmbench import io, paths
 from cmbench.grids import karras_sigmas
+from cmbench.metrics.keys import FID_SPECS
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -266,9 +268,6 @@ class Sample(Strict):
     sigmas: dict[str, Union[list[PosFloat], Literal["karras"]]] = {"1": [80.0], "2": [80.0, 0.8]}
 
 
-FID_SPECS = ("torch-fidelity", "clean-fid/legacy_tensorflow", "clean-fid/clean")
-
-
 class Evaluate(Strict):
     ref_n: PosInt = 10_000              # toy: fresh true data for data-space Fréchet / sliced W2
     floor_repeats: PosInt = 5           # draws of n true samples that estimate a metric's sampling-noise floor
@@ -375,16 +374,20 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
-def _same_kind(a: dict, b: dict) -> bool:
-    """Mappings tagged with a different `name` or `kind` (another net, another dataset) replace, not merge."""
-    return all(b.get(tag, a.get(tag)) == a.get(tag) for tag in ("name", "kind"))
+# top-level blocks whose tag picks a schema: a block with another tag replaces the lower one, since its keys are
+# another net's, dataset kind's or loss's; every other block (precond, optim, ...) merges key by key, so that
+# a value set low (configs/defaults.yaml) reaches every variant that does not set it itself
+SCHEMA_TAGS = {"dataset": "kind", "net": "name", "loss": "name"}
 
 
-def deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict, top: bool = True) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        merge = isinstance(v, dict) and isinstance(out.get(k), dict) and _same_kind(out[k], v)
-        out[k] = deep_merge(out[k], v) if merge else copy.deepcopy(v)
+        lower, tag = out.get(k), SCHEMA_TAGS.get(k) if top else None
+        merge = isinstance(v, dict) and isinstance(lower, dict)
+        if merge and tag is not None and v.get(tag, lower.get(tag)) != lower.get(tag):
+            merge = False
+        out[k] = deep_merge(lower, v, top=False) if merge else copy.deepcopy(v)
     return out
 
 
@@ -420,6 +423,13 @@ def format_validation_error(e: ValidationError, where: str) -> str:
     if err["type"] == "value_error":     # a cross-field check: its message names the values
         return f"{where}: {loc + ': ' if loc else ''}{msg}{more}"
     return f"{where}: {loc}: {msg} (got {err.get('input')!r}){more}"
+
+
+def schema_defaults() -> dict:
+    """The lowest layer of the merge: the schema's default blocks (net, precond, optim, sample, evaluate), so that a
+    layer above merges into them like into any other (e.g. `sample.sigmas.2` keeps the default list for NFE 1)."""
+    return {k: f.default.model_dump(mode="json") for k, f in RunConfig.model_fields.items()
+            if isinstance(f.default, BaseModel)}
 
 
 class Experiment:
@@ -472,7 +482,7 @@ class Experiment:
     def resolve(self, suite: str, dataset: str, variant: str, seed: int, overrides: dict | None = None,
                 scale: str | None = None) -> RunConfig:
         where = f"config {suite}/{dataset}/{variant}/s{seed}" + (f" (scale {scale})" if scale else "")
-        merged = load_yaml(self.root / "defaults.yaml")
+        merged = deep_merge(schema_defaults(), load_yaml(self.root / "defaults.yaml"))
         merged = deep_merge(merged, self._named("dataset", dataset))
         variant_cfg = self._named("variant", variant)
         blocks = {}
@@ -497,10 +507,38 @@ class Experiment:
             raise ConfigError(format_validation_error(e, where)) from None
 
 
+def write_run_config(cfg: RunConfig, rdir: str | Path) -> bool:
+    """Write RUN/config.json (the config and its hash, computed once; atomically), the one address every stage
+    reads. An unchanged file is not rewritten, so nothing downstream of it is re-run; returns whether it changed.
+    Artifacts of an earlier config are set aside when training starts (cmbench.checkpoint)."""
+    path = paths.config_file(rdir)
+    try:
+        if json.loads(path.read_text())["hash"] == cfg.hash:
+            return False
+    except (OSError, ValueError, KeyError, TypeError):     # absent or damaged: write it
+        pass
+    io.write_text(path, json.dumps({"hash": cfg.hash, "config": cfg.to_dict()}, indent=2))
+    return True
+
+
 def load_run_config(rdir: str | Path) -> RunConfig:
-    """The resolved config a run dir was trained with (its config.json)."""
-    saved = json.loads((Path(rdir) / "config.json").read_text())
-    return RunConfig.model_validate_json(json.dumps(saved["config"]))
+    """The resolved config of a run dir (its config.json, written when the workflow was planned)."""
+    path = paths.config_file(rdir)
+    try:
+        saved = json.loads(path.read_text())
+        cfg = RunConfig.model_validate_json(json.dumps(saved["config"]))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (plan the run first: snakemake, or cmbench resolve --write)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a run config ({type(e).__name__})") from None
+    if cfg.hash != saved.get("hash"):
+        raise ConfigError(f"{path}: its config hashes to {cfg.hash}, not the stored {saved.get('hash')} "
+                          f"(edited by hand, or written by another version of the schema)")
+    return cfg
+
+
+# how `cmbench launch` runs a stage (cmbench.launch): in this process, submitit's debug or local executor, Slurm
+LAUNCHERS = ("inline", "debug", "local", "slurm")
 
 
 class SlurmJob(Strict):

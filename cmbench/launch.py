@@ -12,53 +12,55 @@ from pathlib import Path
 
 import submitit
 
-from cmbench import paths
-from cmbench.config import LaunchConfig, RunConfig
+from cmbench import io, paths
+from cmbench.config import LaunchConfig, RunConfig, load_run_config
 from cmbench.errors import JobFailed
 
-LAUNCHERS = ("inline", "debug", "local", "slurm")
 # a job worth waiting for. Not COMPLETED: Snakemake deletes the outputs of a job it did not see finish, so a
 # finished job is run again (training resumes from its checkpoints; the other stages are short)
 LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
                "SUSPENDED")
 
 
-def _train(cfg, rdir, results, nfe, metric):
+def _train(rdir, nfe, metric):
     from cmbench.train.loop import train
-    train(cfg, rdir)
+    train(load_run_config(rdir), rdir)
 
 
-def _sample(cfg, rdir, results, nfe, metric):
+def _sample(rdir, nfe, metric):
     """One shard per task when the job has several (each task samples a contiguous block of seeds)."""
     from cmbench.sample import sample_run
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     sample_run(rdir, nfe, shard=rank, shards=world)
 
 
-def _evaluate(cfg, rdir, results, nfe, metric):
+def _evaluate(rdir, nfe, metric):
     from cmbench.metrics.evaluate import evaluate_run
-    evaluate_run(rdir, nfe, results, metric)
+    evaluate_run(rdir, nfe, paths.results_of(rdir), metric)
 
 
-def _reference(cfg, rdir, results, nfe, metric):
+def _reference(rdir, nfe, metric):
+    """The cached reference of a metric set, built from the config of a run that uses it."""
     from cmbench.metrics.evaluate import build_reference, reference_path
-    build_reference(cfg, nfe, reference_path(cfg, nfe, results, metric), metric)
+    cfg = load_run_config(rdir)
+    build_reference(cfg, nfe, reference_path(cfg, nfe, paths.results_of(rdir), metric), metric)
 
 
-def _collect(cfg, rdir, results, nfe, metric):
+def _collect(rdir, nfe, metric):
     from cmbench.metrics.evaluate import collect_records
     collect_records(rdir)
 
 
-def _run(cfg, rdir, results, nfe, metric):
+def _run(rdir, nfe, metric):
     """Every stage of a run in one process: on a laptop, starting Python and torch costs more than a toy
     run's sampling and evaluation (DESIGN.md, cost notes)."""
-    _train(cfg, rdir, results, None, None)
+    cfg = load_run_config(rdir)
+    _train(rdir, None, None)
     for n in cfg.sample.nfe:
-        _sample(cfg, rdir, results, n, None)
+        _sample(rdir, n, None)
         for m in cfg.metric_sets():
-            _evaluate(cfg, rdir, results, n, m)
-    _collect(cfg, rdir, results, None, None)
+            _evaluate(rdir, n, m)
+    _collect(rdir, None, None)
 
 
 STAGES = {"train": _train, "sample": _sample, "evaluate": _evaluate, "reference": _reference,
@@ -67,10 +69,10 @@ RUN_STAGES = ("train", "collect", "run")       # the stages that act on a whole 
 SPLIT_STAGES = ("train", "sample")             # the stages a job may split over several tasks (ranks, shards)
 
 
-def run_stage(stage: str, cfg_json: str, results: str, nfe: int | None, metric: str = "data") -> None:
-    """The job function (importable, so submitit can pickle it). Takes the config as JSON, not as an object."""
-    cfg = RunConfig.model_validate_json(cfg_json)
-    STAGES[stage](cfg, paths.run_dir(results, cfg.run), results, nfe, metric)
+def run_stage(stage: str, rdir: str, nfe: int | None, metric: str = "data") -> None:
+    """The job function (importable, so submitit can pickle it). Takes the run directory, whose config.json
+    (written when the workflow was planned) is all a stage reads."""
+    STAGES[stage](Path(rdir), nfe, metric)
 
 
 def job_name(stage: str, nfe: int | None, metric: str = "data") -> str:
@@ -90,12 +92,12 @@ class StageJob(submitit.helpers.Checkpointable):
     training then resumes from its newest checkpoint, losing at most `train.checkpoint_every` steps.
     With several tasks, each is one torch.distributed rank of a training job (cmbench.train.distributed)."""
 
-    def __call__(self, stage, cfg_json, results, nfe, metric="data"):
+    def __call__(self, stage, rdir, nfe, metric="data"):
         if submitit.JobEnvironment().num_tasks > 1:
             if stage not in SPLIT_STAGES:
                 raise ValueError(f"stage {stage!r} runs as one task; only {SPLIT_STAGES} are split over tasks")
             submitit.helpers.TorchDistributedEnvironment().export()
-        run_stage(stage, cfg_json, results, nfe, metric)
+        run_stage(stage, rdir, nfe, metric)
 
 
 def _slurm_parameters(launch_cfg: LaunchConfig, kind: str) -> dict:
@@ -133,13 +135,13 @@ def _wait(job, poll_s: float) -> None:
                         f"({', '.join(map(str, logs))}):\n{tail}") from None
 
 
-def launch(stage: str, cfg: RunConfig, results: str | Path, nfe: int | None, launcher: str,
-           launch_cfg: LaunchConfig | None = None, metric: str = "data") -> None:
-    results = str(results)
-    cfg_json = json.dumps(cfg.to_dict())
+def launch(stage: str, rdir: str | Path, nfe: int | None, launcher: str, launch_cfg: LaunchConfig | None = None,
+           metric: str = "data") -> None:
+    rdir = Path(rdir)
+    cfg = load_run_config(rdir)       # a missing or damaged config.json fails here, before anything is submitted
     if launcher == "inline":
-        return run_stage(stage, cfg_json, results, nfe, metric)
-    jobs = paths.run_dir(results, cfg.run) / "jobs"
+        return run_stage(stage, str(rdir), nfe, metric)
+    jobs = paths.jobs_dir(rdir)
     jobs.mkdir(parents=True, exist_ok=True)
     folder, record = jobs / "%j", jobs / f"{job_name(stage, nfe, metric)}.json"
     slurm = _slurm_parameters(launch_cfg, job_kind(stage, cfg)) if launcher == "slurm" else None
@@ -152,11 +154,9 @@ def launch(stage: str, cfg: RunConfig, results: str | Path, nfe: int | None, lau
         executor.update_parameters(name=f"cmbench-{cfg.run.variant}-{job_name(stage, nfe, metric)}")
         if slurm:
             executor.update_parameters(**slurm)
-        job = executor.submit(StageJob(), stage, cfg_json, results, nfe, metric)
-        tmp = record.with_name(f".{record.name}.tmp")
-        tmp.write_text(json.dumps({"job_id": job.job_id, "launcher": launcher, "config_hash": cfg.hash,
-                                   "submitted": time.time()}))
-        os.replace(tmp, record)
+        job = executor.submit(StageJob(), stage, str(rdir), nfe, metric)
+        io.write_json(record, {"job_id": job.job_id, "launcher": launcher, "config_hash": cfg.hash,
+                               "submitted": time.time()}, indent=None)
         print(f"cmbench: submitted job {job.job_id} ({record})", file=sys.stderr)
     if launcher == "slurm":
         _wait(job, launch_cfg.poll_s)
@@ -164,4 +164,4 @@ def launch(stage: str, cfg: RunConfig, results: str | Path, nfe: int | None, lau
         job.results()
     if stage == "sample" and tasks > 1:
         from cmbench.sample import merge_shards
-        merge_shards(paths.run_dir(results, cfg.run), nfe, tasks)
+        merge_shards(rdir, nfe, tasks)

@@ -3,7 +3,6 @@
 Samples go to an npz: toy runs keep float samples and x_T (evaluation pairs them with the exact flow); image
 runs keep uint8 NHWC `images` (what FID reads; DESIGN.md property 5). A run's seeds can be split into shards
 sampled by several tasks and merged: every sample depends only on its own seed."""
-import hashlib
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from cmbench import paths, solvers
 from cmbench.config import ImageData, load_run_config
 from cmbench.nets import build_model
 from cmbench.seeds import initial_noise, sample_seeds, seed_labels, seed_noise
-from cmbench.train import checkpoint, distributed
+from cmbench import checkpoint, devices, io
 
 
 RENOISE = {"cm": lambda sigma, sigma_min: float(np.sqrt(sigma**2 - sigma_min**2)),   # CM Alg. 1, iCT
@@ -66,21 +65,9 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def shard_seeds(seeds: np.ndarray, shard: int, shards: int) -> np.ndarray:
     """Contiguous block `shard` of `shards` (merging the blocks in order restores the seed order)."""
     return np.array_split(seeds, shards)[shard]
-
-
-def _save(out: Path, arrays: dict) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(out)
-    return out
 
 
 def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, shards: int = 1) -> Path:
@@ -94,7 +81,7 @@ def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, sh
     torch.set_num_threads(cfg.train.threads)
     model = build_model(cfg)
     model.load_state_dict(final["ema"])
-    model.to(distributed.device()).eval()
+    model.to(devices.device()).eval()
     sigmas, smp, image = cfg.sigma_list(nfe), cfg.sample, isinstance(cfg.dataset, ImageData)
     seeds = shard_seeds(sample_seeds(cfg), shard, shards)
     labels = seed_labels(seeds, cfg.dataset.num_classes) if cfg.dataset.conditional else None
@@ -109,7 +96,7 @@ def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, sh
                                    smp.clip_denoised, y)
         parts.append(to_uint8(x) if image else x)
     consistency = smp.sampler == "consistency"
-    meta = {"config_hash": cfg.hash, "checkpoint_sha256": file_sha256(paths.final_weights(rdir)),
+    meta = {"config_hash": cfg.hash, "checkpoint_sha256": io.file_sha256(paths.final_weights(rdir))[:16],
             "weights": "ema", "nfe": nfe, "sigmas": sigmas, "sigma_min": cfg.precond.sigma_min,
             "sampler": smp.sampler, "renoise": smp.renoise if consistency else None,
             "clip_denoised": smp.clip_denoised if consistency else None, "conditional": cfg.dataset.conditional}
@@ -122,7 +109,7 @@ def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, sh
         arrays.update(samples=np.concatenate(parts), x_t=initial_noise(cfg, nfe, seeds))
     out = Path(out) if out else (paths.samples_file(rdir, nfe) if shards == 1
                                  else paths.samples_shard(rdir, nfe, shard, shards))
-    return _save(out, arrays)
+    return io.save_npz(out, **arrays)
 
 
 def merge_shards(rdir: Path, nfe: int, shards: int) -> Path:
@@ -133,7 +120,7 @@ def merge_shards(rdir: Path, nfe: int, shards: int) -> Path:
     if len(meta) != 1:
         raise ValueError(f"{rdir}: shards of NFE {nfe} were sampled from different weights or settings")
     arrays = {k: np.concatenate([z[k] for z in loaded]) for k in loaded[0].files if k not in ("meta", "sigmas")}
-    out = _save(paths.samples_file(rdir, nfe), {**arrays, "sigmas": loaded[0]["sigmas"], "meta": meta.pop()})
+    out = io.save_npz(paths.samples_file(rdir, nfe), **arrays, sigmas=loaded[0]["sigmas"], meta=meta.pop())
     for f in files:
         f.unlink()
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cmbench.config import ConfigError, Experiment, RunConfig, load_yaml
-from cmbench.workflow import check_run
+from cmbench.checks import check_run
 
 STATUSES = ("confirmed", "secondary", "unverified")
 NOT_STATED = "not stated"

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import torch
 
-from cmbench import paths
+from cmbench import checkpoint, paths
 from cmbench.config import RunConfig, load_run_config
 from cmbench.data.toy import make_toy
 from cmbench.nets import build_model
-from cmbench.train import checkpoint
 
 
 class AnalyticTeacher:

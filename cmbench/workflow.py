@@ -1,48 +1,20 @@
-"""The run table and target lists for the Snakefile. All validation happens here, at `snakemake -n` time."""
+"""The run table and target lists for the Snakefile. All validation happens here, at `snakemake -n` time: every
+run's config is resolved once and checked; before the first job the Snakefile writes each to RUN/config.json,
+the one address of a run, and no stage reads configs/ again. Imports neither pandas nor submitit."""
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from cmbench import paths
-from cmbench.config import ConfigError, Experiment, RunConfig, check_name, load_launch_config, parse_overrides
-from cmbench.launch import LAUNCHERS
+from cmbench.checks import check_init, check_run
+from cmbench.config import (LAUNCHERS, ConfigError, Experiment, RunConfig, check_name, load_launch_config,
+                            parse_overrides, write_run_config)
+
+# the run-directory pattern of the Snakefile's rules: paths.run_dir with wildcards for its parts
+WILDCARDS = SimpleNamespace(suite="{suite}", dataset="{dataset}", variant="{variant}", seed="{seed}")
 
 DEFAULT_SUITE = "toy"
 SNAKEMAKE_KEYS = {"suite", "scale", "set", "configs", "results", "launcher", "fuse", "launch_config"}
-
-
-def check_init(student: RunConfig, teacher: RunConfig) -> None:
-    """A student that starts from its teacher's weights (teacher.init_student) must have the teacher's
-    network: the same parameter names and shapes (built on the meta device: no memory, no init cost), and a
-    preconditioning that reads the teacher's network as it was trained (a TrigFlow student's trigflow_net is
-    checked by its loss, in check_run)."""
-    import torch
-
-    from cmbench.nets import build_model
-    where = f"config {student.run.suite}/{student.run.dataset}/{student.run.variant}"
-    if teacher.precond.name != "edm":
-        raise ConfigError(f"{where}: init_student needs an EDM teacher, not precond {teacher.precond.name!r}")
-    if student.precond.c_noise_scale != teacher.precond.c_noise_scale:
-        raise ConfigError(f"{where}: precond.c_noise_scale {student.precond.c_noise_scale} differs from the "
-                          f"teacher's {teacher.precond.c_noise_scale}")
-    with torch.device("meta"):
-        s, t = (build_model(c).state_dict() for c in (student, teacher))
-    diff = sorted(k for k in s.keys() | t.keys() if k not in s or k not in t or s[k].shape != t[k].shape)
-    if diff:
-        raise ConfigError(f"{where}: init_student needs the teacher's network ({teacher.run.variant}), but "
-                          f"{len(diff)} parameter(s) differ, e.g. {diff[0]}")
-
-
-def check_run(cfg: RunConfig, data: bool = True) -> RunConfig:
-    """Checks that need the registries (import torch): the loss name and its parameters, and (data) that an image
-    dataset's files are there. Returns the config with the loss's defaults filled in, so that the printed config
-    and its hash say everything."""
-    from cmbench import losses
-    from cmbench.config import ImageData
-    params = losses.build(cfg).params
-    if data and isinstance(cfg.dataset, ImageData):
-        from cmbench.data.images import check_image_data
-        check_image_data(cfg.dataset)     # the files exist and have a known layout (not loaded)
-    return cfg.model_copy(update={"loss": params.model_dump(mode="json")})
 
 
 @dataclass
@@ -58,6 +30,10 @@ class Plan:
     fuse: bool          # one job per run (train, sample, evaluate); default with the inline launcher
     scale: str | None = None   # configs/scales/<scale>.yaml (e.g. smoke), or the papers' sizes
     _references: dict | None = None
+
+    @property
+    def run_pattern(self) -> Path:
+        return paths.run_dir(self.results, WILDCARDS)
 
     @classmethod
     def from_snakemake(cls, config: dict) -> "Plan":
@@ -103,7 +79,15 @@ class Plan:
         plan = cls(suite, runs, {k: v for k, v in teachers.items() if k not in runs}, results, configs,
                    overrides, launcher, launch_config, fuse, scale)
         plan.reference_sources()      # FID reference keys hash the Inception weights: a missing file fails here
+        from cmbench.report import load_paper_numbers
+        load_paper_numbers(plan.paper_numbers())    # the report's input: a bad entry fails here, not in the last job
         return plan
+
+    def write_configs(self) -> None:
+        """RUN/config.json of every planned run (suite and teacher runs): the config its stages read, as resolved
+        now (cmbench.config.write_run_config: an unchanged file is left alone)."""
+        for rdir, cfg in {**self.runs, **self.teacher_runs}.items():
+            write_run_config(cfg, rdir)
 
     # --- targets -------------------------------------------------------------------------------------
     def metric_files(self) -> list[str]:
@@ -139,8 +123,11 @@ class Plan:
         return str(Path(self.configs) / "paper_numbers.yaml")
 
     # --- per-job values (wildcards → run) ---------------------------------------------------------------
+    def run_dir(self, w) -> Path:
+        return paths.run_dir(self.results, w)
+
     def run(self, w) -> RunConfig:
-        key = str(Path(self.results) / "runs" / w.suite / w.dataset / w.variant / f"s{w.seed}")
+        key = str(self.run_dir(w))
         return self.runs[key] if key in self.runs else self.teacher_runs[key]
 
     def teacher_weights(self, w) -> list[str]:
@@ -148,17 +135,11 @@ class Plan:
         cfg = self.run(w)
         if cfg.teacher is None or cfg.teacher.source != "run":
             return []
-        return [str(paths.final_weights(paths.sibling_run(paths.run_dir(self.results, cfg.run), cfg.teacher.variant)))]
+        return [str(paths.final_weights(paths.sibling_run(self.run_dir(w), cfg.teacher.variant)))]
 
     def args(self, w) -> str:
-        """The run-identifying arguments of `cmbench launch`, as one shell-safe string."""
-        return self.launch_args(self.run(w))
-
-    def launch_args(self, cfg: RunConfig) -> str:
-        sets = "".join(f" --set '{o}'" for o in self.overrides)
-        scale = f" --scale {self.scale}" if self.scale else ""
-        return (f"--suite {cfg.run.suite} --dataset {cfg.run.dataset} --variant {cfg.run.variant} "
-                f"--seed {cfg.run.seed}{scale} --configs '{self.configs}' --results '{self.results}'{sets}")
+        """The arguments of `cmbench launch` that name the run: its directory, as one shell-safe string."""
+        return f"--run '{self.run_dir(w)}'"
 
     def launch_env(self) -> dict[str, str]:
         """How jobs are launched travels in the environment, not in rule params: switching between the
@@ -182,20 +163,20 @@ class Plan:
                        for m in cfg.metric_sets()})
 
     def metric_inputs(self, w) -> list[str]:
-        cfg, rdir = self.run(w), paths.run_dir(self.results, self.run(w).run)
+        cfg, rdir = self.run(w), self.run_dir(w)
         return [str(paths.metrics_file(rdir, n, m)) for n in cfg.sample.nfe for m in cfg.metric_sets()]
 
-    def reference_sources(self) -> dict[str, tuple[RunConfig, int, str]]:
-        """Cached reference file → a (run, NFE, metric set) that defines it (runs sharing a key share it)."""
+    def reference_sources(self) -> dict[str, tuple[Path, int, str]]:
+        """Cached reference file → a (run dir, NFE, metric set) that defines it (runs sharing a key share it)."""
         from cmbench.metrics.evaluate import reference_path
         if self._references is None:
             self._references = {}
-            for cfg in self.runs.values():
+            for rdir, cfg in self.runs.items():
                 for n in cfg.sample.nfe:
                     for m in cfg.metric_sets():
-                        self._references.setdefault(str(reference_path(cfg, n, self.results, m)), (cfg, n, m))
+                        self._references.setdefault(str(reference_path(cfg, n, self.results, m)), (Path(rdir), n, m))
         return self._references
 
     def reference_args(self, output: str) -> str:
-        cfg, nfe, metric = self.reference_sources()[output]
-        return f"{self.launch_args(cfg)} --nfe {nfe} --metric {metric}"
+        rdir, nfe, metric = self.reference_sources()[output]
+        return f"--run '{rdir}' --nfe {nfe} --metric {metric}"

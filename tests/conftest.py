@@ -29,7 +29,7 @@ def map_error(cfg, rdir) -> dict:
     from cmbench.data.toy import make_toy
     from cmbench.metrics.toy import consistency_map_error
     from cmbench.nets import build_model
-    from cmbench.train import checkpoint
+    from cmbench import checkpoint
 
     model = build_model(cfg)
     model.load_state_dict(checkpoint.load(paths.final_weights(rdir))["ema"])

@@ -12,7 +12,7 @@ from cmbench.nets import build_model
 from cmbench.sample import merge_shards, sample_run
 from cmbench.seeds import seed_labels
 from cmbench.train import loop
-from cmbench.workflow import check_run
+from cmbench.checks import check_run
 from conftest import REPO
 
 TINY_ADM = {"model_channels": 16, "num_blocks": 1, "head_channels": 16}
@@ -90,7 +90,7 @@ class LabelSpy(torch.nn.Module):
 def test_every_loss_passes_the_labels_to_every_call(variant, npz_dir):
     cfg = resolve(variant, npz_dir)
     teacher = LabelSpy()
-    loss = losses.build(cfg, teacher)
+    loss = losses.build(cfg, teacher, build_model(cfg))
     model = LabelSpy()
     y = torch.tensor([5, 6, 7, 8])
     loss(model, model, torch.zeros(4, 3, 64, 64), 10, torch.Generator().manual_seed(0), y)

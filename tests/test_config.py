@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from cmbench.config import ConfigError, Experiment, parse_overrides
-from cmbench.workflow import Plan, check_run
+from cmbench.checks import check_run
+from cmbench.workflow import Plan
 from conftest import REPO, edit_yaml
 
 
@@ -26,6 +27,37 @@ def test_merge_order(configs):
     assert cfg.train.checkpoint_every == 13          # command line over per-dataset over variant
     assert resolve(configs).train.checkpoint_every == 11
     assert resolve(configs, dataset="ring2d").train.checkpoint_every == 9
+
+
+def test_a_default_reaches_every_variant_that_does_not_set_it(configs):
+    """configs/defaults.yaml is the lowest YAML layer of every variant: a precond value set there reaches all eight,
+    whatever their precond.name (a block with another name used to replace it: 4 of 8 saw the value), and an
+    optim value reaches the papers' RAdam and Adam blocks too, except where a variant sets it itself."""
+    (configs / "defaults.yaml").write_text(yaml.safe_dump({"precond": {"sigma_data": 0.45, "rho": 6.0},
+                                                           "optim": {"eps": 1e-7}}))
+    exp = Experiment(configs)
+    variants = exp.suite("toy")["variants"]
+    assert len(variants) == 8
+    names = set()
+    for suite in ("toy", "cifar10", "imagenet64"):
+        dataset = exp.suite(suite)["datasets"][0]
+        for v in variants:
+            cfg = exp.resolve(suite, dataset, v, 0)
+            names.add((cfg.precond.name, cfg.optim.name))
+            assert (cfg.precond.sigma_data, cfg.precond.rho) == (0.45, 6.0), (suite, v)
+            own = suite == "imagenet64" and v in ("sct", "scd")        # sCM Table 4 sets ε 1e-11
+            assert cfg.optim.eps == (1e-11 if own else 1e-7), (suite, v)
+    assert {n for n, _ in names} == {"cm", "edm", "trigflow"} and {o for _, o in names} == {"adam", "radam"}
+
+
+def test_the_schema_is_the_lowest_layer(configs):
+    """Defaults live in the schema (and each loss's Params), not restated in YAML: an empty defaults.yaml changes
+    nothing, and a layer that sets one σ list keeps the schema's others."""
+    before = {v: resolve(configs, v).hash for v in ("ct", "ict", "edm", "sct", "ect")}
+    (configs / "defaults.yaml").write_text("{}\n")
+    assert {v: resolve(configs, v).hash for v in before} == before
+    cfg = resolve(configs, overrides={"sample": {"sigmas": {"2": [80.0, 0.5]}}})
+    assert cfg.sample.sigmas == {"1": [80.0], "2": [80.0, 0.5]}
 
 
 def test_hash_is_stable_and_sensitive(configs):
@@ -131,3 +163,17 @@ def test_new_variant_is_only_a_yaml_file(configs, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "runs/toy/gauss1d/ict_c003/s0/final.pt" in r.stdout
     assert resolve(configs, "ict_c003").loss["huber_c"] == 0.03
+
+
+def test_planning_checks_the_paper_numbers_and_imports_no_pandas_or_submitit(configs):
+    """The Snakefile's plan validates configs/paper_numbers.yaml (the report's input) while it is parsed, and the
+    workflow module loads neither pandas nor submitit there (each costs start-up in every `snakemake` call)."""
+    code = ("import sys; from cmbench.workflow import Plan; "
+            f"Plan.from_snakemake({{'configs': {str(configs)!r}}}); "
+            "print(sorted(m for m in ('pandas', 'submitit', 'matplotlib', 'seaborn') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+    papers = configs / "paper_numbers.yaml"
+    papers.write_text(papers.read_text().replace("status: confirmed", "status: maybe", 1))
+    with pytest.raises(ConfigError, match="paper_numbers.yaml"):
+        Plan.from_snakemake({"configs": str(configs)})

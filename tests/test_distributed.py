@@ -8,8 +8,9 @@ import torch.multiprocessing as mp
 
 from cmbench import paths
 from cmbench.config import Experiment
-from cmbench.train import checkpoint, loop
-from cmbench.workflow import check_run
+from cmbench import checkpoint
+from cmbench.train import loop
+from cmbench.checks import check_run
 from conftest import REPO
 
 OVERRIDES = {"train": {"steps": 300, "batch": 64, "log_every": 25, "checkpoint_every": 100}}

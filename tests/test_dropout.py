@@ -13,7 +13,7 @@ from cmbench.config import Experiment
 from cmbench.draws import Draws
 from cmbench.losses import pieces
 from cmbench.nets import build_model
-from cmbench.workflow import check_run
+from cmbench.checks import check_run
 from conftest import REPO
 
 TWO_PASS = ("ct", "ict", "cd", "ect", "sct", "scd")
@@ -75,7 +75,7 @@ def two_passes(variant: str, draws_part: slice | None = None):
     """(online call, target call) of one loss evaluation at θ⁻ = θ, with the network pinned to one input."""
     cfg = resolve(variant)
     teacher = NetTeacher(cfg) if cfg.teacher is not None else None
-    loss = losses.build(cfg, teacher)
+    loss = losses.build(cfg, teacher, build_model(cfg))
     net = jittered(build_model(cfg).train())
     x0 = torch.rand(8, 1, 8, 8) * 2 - 1
     model = Pinned(net, torch.randn(8, 1, 8, 8), 1.3)

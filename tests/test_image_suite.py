@@ -13,7 +13,7 @@ from cmbench import paths
 from cmbench.config import Experiment, parse_overrides
 from cmbench.sample import merge_shards, sample_run
 from cmbench.train import loop
-from cmbench.workflow import check_run
+from cmbench.checks import check_run
 from conftest import REPO
 
 

@@ -13,7 +13,7 @@ from cmbench.config import Experiment
 from cmbench.metrics.evaluate import W2, evaluate_run
 from cmbench.sample import sample_run
 from cmbench.train import loop
-from cmbench.workflow import check_run
+from cmbench.checks import check_run
 from conftest import REPO, map_error
 
 

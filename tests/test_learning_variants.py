@@ -15,7 +15,7 @@ import pytest
 from cmbench import paths
 from cmbench.config import Experiment
 from cmbench.train import loop
-from cmbench.workflow import check_run
+from cmbench.checks import check_run
 from conftest import REPO, map_error
 
 # variant → (mean, max for σ ≤ 1, max) bounds on |f − f*| over σ ∈ [0.002, 80], x within ±2.5 std

@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+from pydantic import BaseModel
 import torch
 
 from cmbench import losses
@@ -114,10 +115,43 @@ def test_ict_pairs_follow_lognormal_and_ct_pairs_uniform():
     assert ct.target_ema(0) == pytest.approx(0.9) and ict.target_ema(0) is None
 
 
-def test_registry_rejects_bad_names():
+def test_registry_rejects_bad_losses():
+    """The registry checks what the config check relies on: a Loss, a strict Params, Params.name = the name."""
+    from typing import Literal
+
+    from cmbench.config import Strict
+    from cmbench.losses.base import Loss
+
+    def loss(params):
+        return type("X", (Loss,), {"Params": params, "__call__": lambda *a: None})
+
+    class Good(Strict):
+        name: Literal["fresh_name"]
+
+    class Loose(BaseModel):
+        name: Literal["fresh_name"]
+
     with pytest.raises(ValueError, match="lower-case identifier"):
-        losses.register("Bad Name")(type("X", (), {"Params": None}))
+        losses.register("Bad Name")(loss(Good))
     with pytest.raises(ValueError, match="already registered"):
-        losses.register("ict")(type("X", (), {"Params": None}))
-    with pytest.raises(TypeError, match="no Params"):
-        losses.register("fresh_name")(type("X", (), {}))
+        losses.register("ict")(loss(Good))
+    with pytest.raises(TypeError, match="not a subclass of cmbench.losses.base.Loss"):
+        losses.register("fresh_name")(type("X", (), {"Params": Good}))
+    with pytest.raises(TypeError, match="Params must be a cmbench.config.Strict model"):
+        losses.register("fresh_name")(loss(None))
+    with pytest.raises(TypeError, match="Params must be a cmbench.config.Strict model"):
+        losses.register("fresh_name")(loss(Loose))
+    with pytest.raises(TypeError, match=r"Params.name must be Literal\['other'\]"):
+        losses.register("other")(loss(Good))
+    assert "fresh_name" not in losses.LOSSES and "other" not in losses.LOSSES
+
+
+def test_registry_finds_every_loss_module():
+    """No hand-kept list: every module of cmbench/losses that registers a loss is found."""
+    import pkgutil
+
+    import cmbench.losses
+    modules = {m.name for m in pkgutil.iter_modules(cmbench.losses.__path__)}
+    found = {cls.__module__.rsplit(".", 1)[1] for cls in losses.LOSSES.values()}
+    assert found == modules - {"base", "pieces", "consistency"}
+    assert set(losses.LOSSES) == {"ct", "ict", "cd", "direct_cm", "edm", "ect", "sct", "scd"}

@@ -53,8 +53,8 @@ def build_every_run(configs: Path, data: dict, scale: str | None = None) -> int:
         for cfg in [*plan.runs.values(), *plan.teacher_runs.values()]:
             with torch.device("meta"):
                 model = build_model(cfg)
+                losses.build(cfg, model=model)
             assert sum(p.numel() for p in model.parameters()) > 0
-            losses.build(cfg)
             built += 1
     return built
 

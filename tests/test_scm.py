@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from cmbench import losses
+from cmbench.nets import build_model
 from cmbench.config import ConfigError, Experiment
 from cmbench.data.toy import Gaussian
 from cmbench.losses.scm import tangent_jvp, teacher_velocity
 from cmbench.nets.mlp import MLP
 from cmbench.nets.precond import TrigFlow
 from cmbench.teacher import AnalyticTeacher
-from cmbench.workflow import check_run
+from cmbench.checks import check_run
 from conftest import REPO
 
 SD = 0.5
@@ -30,7 +31,7 @@ def resolve(variant: str, **overrides):
 def build_loss(variant: str, **loss):
     cfg = resolve(variant, dataset={"dim": 2, "mean": MEAN}, loss={"name": variant, **loss})
     teacher = AnalyticTeacher(cfg) if variant == "scd" else None
-    return losses.build(cfg, teacher)
+    return losses.build(cfg, teacher, build_model(cfg))
 
 
 def test_trigflow_boundary_and_sigma_space():
@@ -143,9 +144,21 @@ def test_warmup_zero_means_full_tangent():
 
 def test_config_checks():
     with pytest.raises(ConfigError, match="trigflow"):
-        losses.build(resolve("sct", precond={"name": "cm"}))
+        losses.check(resolve("sct", precond={"name": "cm"}))
     cfg = resolve("scd")
     with pytest.raises(ConfigError, match="teacher"):
-        losses.build(cfg.model_copy(update={"teacher": None}))
-    assert losses.build(resolve("sct", teacher={"source": "analytic"})).teacher is None   # allowed, unused
+        losses.check(cfg.model_copy(update={"teacher": None}))
+    cfg = resolve("sct", teacher={"source": "analytic"})
+    assert losses.build(cfg, model=build_model(cfg)).teacher is None   # allowed, unused
     assert check_run(resolve("sct")).loss["tangent_c"] == 0.1
+
+
+def test_adaptive_weight_is_sized_by_the_network():
+    """w_φ(t)'s time features are the network's own (nets' noise_features), not read from the toy MLP's config."""
+    cfg = resolve("sct", net={"name": "mlp", "emb_features": 6, "emb_max_freq": 2.0})
+    w = losses.build(cfg, model=build_model(cfg)).module
+    assert w.embed.freqs.numel() == 3 and w.embed.freqs.max().item() == pytest.approx(2.0)
+    unet = build_model(Experiment(REPO / "configs").resolve("cifar10", "cifar10", "sct", 0, scale="smoke"))
+    assert unet.net.noise_features == (64, 16.0)
+    with pytest.raises(ValueError, match="sized by the network"):
+        losses.build(cfg)

@@ -17,8 +17,9 @@ import yaml
 
 from cmbench import paths
 from cmbench.config import Experiment
-from cmbench.train import checkpoint, loop
-from cmbench.workflow import check_run
+from cmbench import checkpoint
+from cmbench.train import loop
+from cmbench.checks import check_run
 from conftest import REPO
 
 
@@ -41,10 +42,13 @@ LONG = ["train.steps=12000", "train.batch=64", "train.checkpoint_every=200"]
 
 
 def launch_cmd(results, variant="ict", sets=(), stage="train"):
-    cmd = [sys.executable, "-m", "cmbench.cli", "launch", stage, "--launcher", "slurm", "--launch-config", str(DEV),
-           "--configs", str(REPO / "configs"), "--results", str(results), "--dataset", "gauss1d",
-           "--variant", variant, "--seed", "0"]
-    return cmd + [a for s in sets for a in ("--set", s)]
+    """Plan the run (its config.json, through the CLI, as the workflow does before its first job) and return the
+    command that launches one of its stages on Slurm by its run directory."""
+    plan = [sys.executable, "-m", "cmbench.cli", "resolve", "--configs", str(REPO / "configs"), "--dataset", "gauss1d",
+            "--variant", variant, "--seed", "0", "--write", str(results), *[a for s in sets for a in ("--set", s)]]
+    rdir = subprocess.run(plan, capture_output=True, text=True, check=True, env=ENV).stdout.strip()
+    return [sys.executable, "-m", "cmbench.cli", "launch", stage, "--launcher", "slurm", "--launch-config", str(DEV),
+            "--run", rdir]
 
 
 def inline_final(tmp_path, sets, variant="ict"):

@@ -13,8 +13,9 @@ import torch
 from cmbench import paths
 from cmbench.config import Experiment
 from cmbench.errors import TrainingDiverged
-from cmbench.train import checkpoint, loop
-from cmbench.workflow import check_run
+from cmbench import checkpoint
+from cmbench.train import loop
+from cmbench.checks import check_run
 from conftest import REPO
 
 FAST = {"train": {"steps": 1500, "batch": 64, "checkpoint_every": 200, "log_every": 50}}
@@ -41,10 +42,12 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, uninterrupted):
-    cmd = [sys.executable, "-m", "cmbench.cli", "train", "--configs", str(REPO / "configs"), "--results",
-           str(tmp_path), "--dataset", "ring2d", "--variant", "ct", "--seed", "0", "--set", "train.steps=1500",
-           "--set", "train.batch=64", "--set", "train.checkpoint_every=200", "--set", "train.log_every=50"]
+    plan = [sys.executable, "-m", "cmbench.cli", "resolve", "--configs", str(REPO / "configs"), "--write",
+            str(tmp_path), "--dataset", "ring2d", "--variant", "ct", "--seed", "0", "--set", "train.steps=1500",
+            "--set", "train.batch=64", "--set", "train.checkpoint_every=200", "--set", "train.log_every=50"]
     rdir = paths.run_dir(tmp_path, config().run)
+    assert subprocess.run(plan, capture_output=True, text=True, check=True).stdout.strip() == str(rdir)
+    cmd = [sys.executable, "-m", "cmbench.cli", "train", "--run", str(rdir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not checkpoint.list_checkpoints(rdir / "checkpoints") and time.time() < deadline:
@@ -101,7 +104,8 @@ class Poisoned:
 @pytest.mark.parametrize("where,quantity", [("loss", "non-finite loss"), ("grad", "non-finite gradient norm")])
 def test_non_finite_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, where, quantity):
     build = loop.losses.build
-    monkeypatch.setattr(loop.losses, "build", lambda cfg, teacher=None: Poisoned(build(cfg, teacher), 450, where))
+    monkeypatch.setattr(loop.losses, "build",
+                        lambda cfg, teacher=None, model=None: Poisoned(build(cfg, teacher, model), 450, where))
     cfg = config("ict")
     rdir = paths.run_dir(tmp_path, cfg.run)
     with pytest.raises(TrainingDiverged) as e:

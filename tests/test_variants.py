@@ -10,7 +10,7 @@ from cmbench.config import ConfigError, Experiment
 from cmbench.data.toy import Gaussian
 from cmbench.losses import pieces
 from cmbench.teacher import AnalyticTeacher
-from cmbench.workflow import check_run
+from cmbench.checks import check_run
 from conftest import REPO
 from test_losses import Recorder
 
@@ -104,20 +104,22 @@ def test_ect_mapping_and_loss():
     r3 = loss.r_of_t(t, 3 * 500)                                          # stage 3: gap t/16·(1 + 8σ(−t))
     assert torch.allclose(r3, (t * (1 - (1 + 8 * torch.sigmoid(-t)) / 16)).clamp(min=0))
     assert torch.all(t - r3 < t - r0 + 1e-12)                             # the gap shrinks with the stage
-    x0 = torch.tensor([[0.3], [-0.2], [1.0], [0.0]], dtype=torch.float64)
-    model = Recorder()
-    per_sample = loss(model, model, x0, 5000, torch.Generator().manual_seed(2))
-    (x_t, t_s, _), *rest = model.calls
-    r = loss.r_of_t(t_s, 5000)
-    tgt = x0.clone()
-    if rest:
-        (x_r, r_s, grad), = rest
-        assert not grad and torch.equal(r_s, r[r > 0])
-        assert torch.allclose((x_r - x0[r > 0]) / r_s[:, None], (x_t[r > 0] - x0[r > 0]) / t_s[r > 0, None])
-        tgt[r > 0] = 0.5 * r_s[:, None] * x_r
+    # stage 0 mixes both cases in one batch (r = 0: the target is x0 itself; r > 0: the network at r), stage 10
+    # has r > 0 throughout: both are checked, neither is skipped
+    x0 = torch.linspace(-1, 1, 64, dtype=torch.float64)[:, None]
     c = cfg.loss["huber_c"]                                                  # sqrt(Δ + c²) − c, weight 1/(t − r)
-    hand = ((((0.5 * t_s[:, None] * x_t - tgt) ** 2).sum(1) + c * c).sqrt() - c) / (t_s - r)
-    assert torch.allclose(per_sample, hand, rtol=1e-10)
+    for step, mixed in ((0, True), (5000, False)):
+        model = Recorder()
+        per_sample = loss(model, model, x0, step, torch.Generator().manual_seed(2))
+        (x_t, t_s, _), (x_r, r_net, grad) = model.calls                   # online pass, then the target pass
+        r = loss.r_of_t(t_s, step)
+        assert bool((r == 0).any()) == mixed and bool((r > 0).any())
+        # the target pass runs on the whole batch (same dropout masks), at t where r = 0, its output discarded there
+        assert not grad and torch.equal(r_net, torch.where(r > 0, r, t_s))
+        assert torch.allclose((x_r - x0) / r_net[:, None], (x_t - x0) / t_s[:, None])    # the same z
+        tgt = torch.where((r > 0)[:, None], 0.5 * r_net[:, None] * x_r, x0)
+        hand = ((((0.5 * t_s[:, None] * x_t - tgt) ** 2).sum(1) + c * c).sqrt() - c) / (t_s - r)
+        assert torch.allclose(per_sample, hand, rtol=1e-10), step
 
 
 def test_analytic_teacher_is_the_exact_denoiser():

@@ -1,4 +1,5 @@
 """The Snakemake workflow end to end on a small toy suite: outputs, idempotence, targeted re-runs."""
+import json
 import os
 import re
 import shutil
@@ -82,3 +83,30 @@ def test_separate_stages_give_the_same_records(workdir, tmp_path):
     separate = pd.read_csv(tmp_path / "results" / "tables" / "records.csv")
     cols = ["dataset", "variant", "seed", "nfe", "metric", "value", "config_hash", "checkpoint_sha256"]
     pd.testing.assert_frame_equal(fused[cols], separate[cols])
+
+
+def test_a_yaml_edited_after_planning_leaves_the_planned_run_alone(tmp_path):
+    """Before its first job the workflow writes every run's RUN/config.json, and every stage reads only that file: a
+    job that starts after a YAML was edited (queued on a cluster, say) runs the config as planned. Only a new plan
+    sees the edit; it re-runs the run, whose old checkpoints and stats are set aside under their config hash."""
+    from cmbench import checkpoint
+    run = tmp_path / "results" / "runs" / "mini" / "gauss1d" / "ict" / "s0"
+    snakemake(tmp_path, "--until", "reference")          # plans (every config.json) and makes only the references
+    planned = json.loads((run / "config.json").read_text())
+    assert planned["config"]["optim"]["lr"] == 3e-4 and not (run / "final.pt").exists()
+    variant = tmp_path / "configs" / "variants" / "ict.yaml"
+    variant.write_text(variant.read_text() + "optim: {lr: 1.0e-3}\n")
+    subprocess.run([sys.executable, "-m", "cmbench.cli", "launch", "train", "--run", str(run)], check=True,
+                   capture_output=True)                  # the queued job starts after the edit
+    final = checkpoint.load(run / "final.pt")
+    assert final["config_hash"] == planned["hash"] and final["step"] == 300     # the planned run, not the edit
+    assert json.loads((run / "config.json").read_text()) == planned
+    # a new plan sees the edit and re-runs this run (its config_hash changed)
+    snakemake(tmp_path, "--until", str(run.relative_to(tmp_path) / "final.pt"))
+    replanned = json.loads((run / "config.json").read_text())
+    assert replanned["hash"] != planned["hash"] and replanned["config"]["optim"]["lr"] == 1e-3
+    assert checkpoint.load(run / "final.pt")["config_hash"] == replanned["hash"]
+    assert "config changed" in (run / "logs" / "run.log").read_text()
+    old = run / f"checkpoints-{planned['hash']}"
+    assert {checkpoint.load(p)["config_hash"] for p in checkpoint.list_checkpoints(old)} == {planned["hash"]}
+    assert (run / f"stats-{planned['hash']}.jsonl").exists()

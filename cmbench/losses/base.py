@@ -10,7 +10,8 @@ class Loss(ABC):
     Params: type[Strict]
     needs_teacher = False
 
-    def __init__(self, params: Strict, cfg: RunConfig, teacher=None):
+    def __init__(self, params: Strict, cfg: RunConfig, teacher=None, model=None):
+        """`model`: the network being trained, for a loss whose learned parts are sized by it (sCM)."""
         self.params, self.cfg, self.teacher = params, cfg, teacher
         self.module: torch.nn.Module | None = None   # learned parts of the loss, optimised with the model
 

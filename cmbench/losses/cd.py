@@ -16,9 +16,9 @@ class CDParams(DiscreteParams):
     name: Literal["cd"]
     n: int = Field(default=18, ge=2)                    # grid size N (18 on CIFAR-10, 40 on ImageNet-64)
     mu: float = Field(default=0.0, ge=0, lt=1)          # target EMA; 0: θ⁻ = θ after each step (CIFAR-10)
-    solver: Literal["heun", "euler"] = "heun"
-    distance: Literal["l2", "l1", "pseudo_huber"] = "l2"   # the paper's best was LPIPS on images
-    weighting: Literal["uniform", "inv_delta"] = "uniform"  # λ ≡ 1 (CM paper §4)
+    solver: Literal[tuple(solvers.STEPS)] = "heun"
+    distance: pieces.Distance = "l2"   # the paper's best was LPIPS on images
+    weighting: pieces.Weighting = "uniform"  # λ ≡ 1 (CM paper §4)
 
 
 @register("cd")

@@ -1,7 +1,5 @@
 """The discrete-time consistency loss shared by CT and iCT (and, later, CD-style targets)."""
 from abc import abstractmethod
-from typing import Literal
-
 import torch
 from pydantic import Field
 
@@ -12,9 +10,9 @@ from cmbench.losses.base import Loss
 
 
 class DiscreteParams(Strict):
-    distance: Literal["l2", "l1", "pseudo_huber"]
+    distance: pieces.Distance
     huber_c: float | None = Field(default=None, gt=0)      # None: iCT's 0.00054·sqrt(D)
-    weighting: Literal["uniform", "inv_delta"]
+    weighting: pieces.Weighting
 
 
 class DiscreteConsistencyLoss(Loss):
@@ -22,15 +20,14 @@ class DiscreteConsistencyLoss(Loss):
     stopgrad f_θ⁻(x + σ_i z, σ_i) with the same z (consistency training: Song et al. 2023, Alg. 3, Thm. 2);
     distillation replaces it (`target`). Subclasses choose N(k), the pairing p(i), μ(k) and the target."""
 
-    def __init__(self, params: DiscreteParams, cfg: RunConfig, teacher=None):
-        super().__init__(params, cfg, teacher)
+    def __init__(self, params: DiscreteParams, cfg: RunConfig, teacher=None, model=None):
+        super().__init__(params, cfg, teacher, model)
         self.total_steps = cfg.train.steps
         p = cfg.precond
         self.sigma_min, self.sigma_max, self.rho = p.sigma_min, p.sigma_max, p.rho
         self.weight = pieces.WEIGHTINGS[params.weighting]
         c = params.huber_c if params.huber_c is not None else pieces.ict_huber_c(cfg.dataset.dim)
-        self.distance = {"l2": pieces.l2, "l1": pieces.l1,
-                         "pseudo_huber": lambda a, b: pieces.pseudo_huber(a, b, c)}[params.distance]
+        self.distance = pieces.distance(params.distance, c)
 
     @abstractmethod
     def discretization(self, step: int) -> int:

@@ -14,8 +14,8 @@ class CTParams(DiscreteParams):
     mu0: float = Field(default=0.9, ge=0, lt=1)
     # "paper": μ(k) = exp(s0 ln μ0 / N(k)); "code": the released code's N(k) − 1 (papers.md §9.1)
     mu_rule: Literal["paper", "code"] = "paper"
-    distance: Literal["l2", "l1", "pseudo_huber"] = "l2"   # the paper used LPIPS on images
-    weighting: Literal["uniform", "inv_delta"] = "uniform"  # λ ≡ 1 (CM paper §4)
+    distance: pieces.Distance = "l2"   # the paper used LPIPS on images
+    weighting: pieces.Weighting = "uniform"  # λ ≡ 1 (CM paper §4)
 
 
 @register("ct")

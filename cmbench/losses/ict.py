@@ -13,8 +13,8 @@ class ICTParams(DiscreteParams):
     s1: int = Field(default=1280, ge=2)
     p_mean: float = -1.1
     p_std: float = Field(default=2.0, gt=0)
-    distance: Literal["l2", "l1", "pseudo_huber"] = "pseudo_huber"
-    weighting: Literal["uniform", "inv_delta"] = "inv_delta"
+    distance: pieces.Distance = "pseudo_huber"
+    weighting: pieces.Weighting = "inv_delta"
 
 
 @register("ict")

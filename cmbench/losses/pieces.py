@@ -1,6 +1,7 @@
 """Building blocks shared by the consistency losses: noise grid, curricula, pairing, distance, weighting.
 Each method in papers.md §9 is a choice among these pieces, not a copy of a loop."""
 import math
+from typing import Literal
 
 import torch
 
@@ -85,6 +86,15 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (sq + c * c).sqrt() - c
 
 
+DISTANCES = ("l2", "l1", "pseudo_huber")
+Distance = Literal[DISTANCES]
+
+
+def distance(name: str, c: float):
+    """d(a, b) by name; c is the Pseudo-Huber constant."""
+    return {"l2": l2, "l1": l1, "pseudo_huber": lambda a, b: pseudo_huber(a, b, c)}[name]
+
+
 def ict_huber_c(dim: int) -> float:
     """iCT: c = 0.00054·sqrt(D), D = data dimensionality (papers.md §3.1 item 2)."""
     return 0.00054 * math.sqrt(dim)
@@ -102,3 +112,4 @@ def inv_delta_weight(sig_lo: torch.Tensor, sig_hi: torch.Tensor) -> torch.Tensor
 
 
 WEIGHTINGS = {"uniform": uniform_weight, "inv_delta": inv_delta_weight}
+Weighting = Literal[tuple(WEIGHTINGS)]

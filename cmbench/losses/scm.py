@@ -72,13 +72,13 @@ def tangent_jvp(target, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor
 class SCMLoss(Loss):
     """Shared by sCT and sCD; a subclass supplies dx_t/dt."""
 
-    def __init__(self, params: SCMParams, cfg: RunConfig, teacher=None):
-        super().__init__(params, cfg, teacher)
+    def __init__(self, params: SCMParams, cfg: RunConfig, teacher=None, model=None):
+        super().__init__(params, cfg, teacher, model)
         self.sigma_data = cfg.precond.sigma_data
         if params.adaptive_weighting:
-            # toy: the MLP's own time features; images: wider ones (t spans [0, π/2] in either case)
-            emb = (cfg.net.emb_features, cfg.net.emb_max_freq) if cfg.net.name == "mlp" else (64, 16.0)
-            self.module = AdaptiveWeight(*emb)
+            if model is None:
+                raise ValueError("sCM's adaptive weight is sized by the network: build the loss with its model")
+            self.module = AdaptiveWeight(*model.net.noise_features)   # the time features the network suits
 
     @classmethod
     def check(cls, params, cfg):

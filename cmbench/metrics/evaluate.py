@@ -6,27 +6,19 @@ data) is computed once per (dataset, sampler start) and cached under results/ref
 notes). Images: pixel-space Fréchet distance against cached statistics of the training images, and FID
 through each configured library (cmbench.metrics.fid), all reading the same sample file."""
 import json
-import os
 import time
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
-from cmbench import paths
+from cmbench import io, paths
 from cmbench.config import ImageData, RunConfig, config_hash, load_run_config
 from cmbench.data.toy import Gaussian, GaussianMixture, make_toy
 from cmbench.metrics import toy
+from cmbench.metrics.keys import FD, FID, MODE_COVERAGE_MIN, NEAR_MODE, ODE_ERROR, SLICED_W2, W2
 from cmbench.seeds import initial_noise, sample_seeds
 
-# Metric keys (module constants, as torch-fidelity). The step count is never part of a key: it is a field.
-W2 = "w2"                        # Gaussian data: W2 of N(sample mean, sample cov) to the exact law
-FD = "fd"                        # squared Fréchet distance in data (pixel) space to true data
-SLICED_W2 = "sliced_w2"          # mixtures: sliced W2 to fresh true data
-NEAR_MODE = "near_mode_fraction" # mixtures: share of samples within the 98.9% radius of a mode
-MODE_COVERAGE_MIN = "mode_coverage_min"  # mixtures: worst mode's near-mode share relative to its weight
-ODE_ERROR = "ode_error"          # mean ||sample − Φ(x_T)||², Φ = exact PF-ODE map from the initial noise
-FID = "fid"
 BACKEND = {"toy": "cmbench-toy", "image": "cmbench-pixels"}
 
 
@@ -75,14 +67,6 @@ def distribution_metrics(x: np.ndarray, dist, fresh: np.ndarray, cfg: RunConfig)
     return out
 
 
-def _save_npz(out: Path, **arrays) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
-    return out
-
-
 def build_reference(cfg: RunConfig, nfe: int, out: Path, metric_set: str = "data") -> Path:
     if metric_set != "data":
         from cmbench.data import make_data
@@ -101,7 +85,7 @@ def build_reference(cfg: RunConfig, nfe: int, out: Path, metric_set: str = "data
     draws = [distribution_metrics(dist.sample(cfg.sample.n, np.random.default_rng([r, 2])), dist, fresh, cfg)
              for r in range(cfg.evaluate.floor_repeats)]
     ideal = {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
-    return _save_npz(out, x_t=x_t, exact=exact, fresh=fresh, ideal=json.dumps(ideal), key=reference_key(cfg, nfe))
+    return io.save_npz(out, x_t=x_t, exact=exact, fresh=fresh, ideal=json.dumps(ideal), key=reference_key(cfg, nfe))
 
 
 def build_image_reference(cfg: RunConfig, out: Path) -> Path:
@@ -111,7 +95,7 @@ def build_image_reference(cfg: RunConfig, out: Path) -> Path:
     mean, cov = toy.gaussian_fit(x)
     floor = [toy.frechet_to_stats(x[np.random.default_rng([r, 2]).integers(0, len(x), cfg.sample.n)], mean, cov)
              for r in range(cfg.evaluate.floor_repeats)]
-    return _save_npz(out, mean=mean, cov=cov, n=len(x), ideal=json.dumps({FD: float(np.mean(floor))}),
+    return io.save_npz(out, mean=mean, cov=cov, n=len(x), ideal=json.dumps({FD: float(np.mean(floor))}),
                      key=reference_key(cfg, 0))
 
 
@@ -120,11 +104,7 @@ def collect_records(rdir: Path) -> Path:
     cfg = load_run_config(rdir)
     records = [r for n in cfg.sample.nfe for m in cfg.metric_sets()
                for r in json.loads(paths.metrics_file(rdir, n, m).read_text())]
-    out = paths.records_file(rdir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    os.replace(tmp, out)
-    return out
+    return io.write_json(paths.records_file(rdir), records)
 
 
 def _toy_values(cfg: RunConfig, nfe: int, smp, ref, ref_file: Path) -> tuple[dict, dict, dict]:
@@ -185,9 +165,4 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "d
             "wall_time_s": round(time.perf_counter() - t0, 3)}
     records = [{**base, "metric": name, "value": float(v), "ideal": ideal.get(name)}
                for name, v in sorted(values.items())]
-    out = paths.metrics_file(rdir, nfe, metric_set)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    os.replace(tmp, out)
-    return out
+    return io.write_json(paths.metrics_file(rdir, nfe, metric_set), records)

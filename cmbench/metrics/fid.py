@@ -26,7 +26,6 @@ torch and the FID libraries are imported inside the functions: importing this mo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,11 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cmbench import io
 from cmbench.config import config_hash
+from cmbench.io import file_sha256
+from cmbench.metrics.keys import FID, FID_SPECS
 from cmbench.errors import MissingWeights
 
-METRIC = "fid"
-SPECS = ("torch-fidelity", "clean-fid/legacy_tensorflow", "clean-fid/clean")
+SPECS = FID_SPECS
 NETWORKS = ("own", "torch-fidelity")
 WEIGHTS_ENV = "CMBENCH_WEIGHTS"
 DEFAULT_WEIGHTS_DIR = "weights"
@@ -129,21 +130,6 @@ def cf_weights_path() -> Path:
         f"{inception_url} and save them under that name, or point {WEIGHTS_ENV} to the directory that holds them")
 
 
-def file_sha256(path: str | Path) -> str:
-    p = Path(path).resolve()
-    st = p.stat()
-    return _sha256(str(p), st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_random_inception(path: str | Path, seed: int = 0) -> Path:
     """Write a randomly initialised torch-fidelity InceptionV3 state dict (its own class, keys and shapes) to path,
     loadable with feature_extractor_weights_path: for tests and offline dry runs. Conv weights are He (kaiming-normal,
@@ -158,7 +144,6 @@ def write_random_inception(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     empty = path.with_name(f".{path.name}.{os.getpid()}.empty")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save({}, empty)  # a local path, so the constructor never reaches for its download URL
         net = Skeleton(TF_EXTRACTOR, [str(DIMS)], feature_extractor_weights_path=str(empty))
@@ -170,11 +155,9 @@ def write_random_inception(path: str | Path, seed: int = 0) -> Path:
                 elif isinstance(m, torch.nn.Linear):
                     torch.nn.init.normal_(m.weight, std=m.in_features ** -0.5, generator=g)
                     torch.nn.init.zeros_(m.bias)
-        torch.save(net.state_dict(), tmp)
-        os.replace(tmp, path)
+        io.save_torch(path, net.state_dict())
     finally:
         empty.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -245,7 +228,7 @@ def _tf_net(device, dims: int = DIMS):
     return _tf_extractor(str(p), file_sha256(p), str(_device(device)), dims)
 
 
-def _uint8_dataset(x: np.ndarray):
+def uint8_dataset(x: np.ndarray):
     """torch-fidelity input: a Dataset of uint8 [3, H, W] tensors."""
     import torch
 
@@ -264,7 +247,7 @@ def _tf_features(x: np.ndarray, device, batch_size: int, dims: int = DIMS) -> np
     dev = _device(device)
     net = _tf_net(dev, dims)
     with _on(dev):
-        fd = get_featuresdict_from_dataset(_uint8_dataset(x), net, batch_size, dev.type == "cuda",
+        fd = get_featuresdict_from_dataset(uint8_dataset(x), net, batch_size, dev.type == "cuda",
                                            True, False)  # save_cpu_ram (no DataLoader workers), verbose
     return fd[str(dims)].numpy()
 
@@ -389,17 +372,12 @@ def reference_key(key: dict, spec: str, network: str = "own", dims: int = DIMS) 
 def build_reference(images_fn: Callable[[], np.ndarray], spec: str, key: str, out: str | Path, *, device="cpu",
                     batch_size: int = 64, network: str = "own", fields: dict | None = None,
                     dims: int = DIMS) -> Path:
-    """Compute (mu, sigma, n) of images_fn()'s images and write them to out atomically (tmp + os.replace), with the
-    key and the fields it was made from (at least the backend fields, which fid_npz checks)."""
+    """Compute (mu, sigma, n) of images_fn()'s images and write them to out atomically (cmbench.io), with the key and
+    the fields it was made from (at least the backend fields, which fid_npz checks)."""
     fields = {**backend_fields(spec, network, dims), **(fields or {})}
     f = features(images_fn(), spec, device=device, batch_size=batch_size, network=network, dims=dims)
     mu, sigma = stats(f, spec)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, n=len(f), key=key, fields=json.dumps(fields, sort_keys=True))
-    os.replace(tmp, out)
-    return out
+    return io.save_npz(out, mu=mu, sigma=sigma, n=len(f), key=key, fields=json.dumps(fields, sort_keys=True))
 
 
 def reference_stats(images_fn: Callable[[], np.ndarray], spec: str, key: dict, cache_dir: str | Path, *,
@@ -443,7 +421,7 @@ def fid_npz(npz_path: str | Path, reference_file: str | Path, spec: str, *, devi
     f = features(images, spec, device=device, batch_size=batch_size, network=network, dims=dims)
     mu, sigma = stats(f, spec)
     value = frechet(mu, sigma, ref["mu"], ref["sigma"], spec)
-    return {"metric": METRIC, "value": value, "backend": b.library, "backend_version": b.library_version,
+    return {"metric": FID, "value": value, "backend": b.library, "backend_version": b.library_version,
             "mode": b.mode, "network": b.network,
             "feature_extractor": f"{b.network} InceptionV3 {'pool3' if dims == DIMS else FEATURE_LAYERS[dims] + ' pooled'} "
                                  f"({dims}-d), weights {w.name} sha256:{sha[:12]}", "fid_dims": dims,

@@ -22,6 +22,7 @@ class NoiseEmbedding(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, width: int, depth: int, emb_features: int, emb_max_freq: float):
         super().__init__()
+        self.noise_features = (emb_features, emb_max_freq)   # the time features that suit this net (sCM's w_φ)
         self.embed = NoiseEmbedding(emb_features, emb_max_freq)
         layers, fan_in = [], dim + emb_features
         for _ in range(depth):

@@ -178,6 +178,10 @@ class _UNet(nn.Module):
     the image is carried alongside and mixed in after every downsampling block, (h + conv(aux)) / √2.
     """
 
+    # sin/cos features (count, top frequency) for a learned function of the noise level beside this net: sCM's
+    # adaptive weight w_φ(t), t ∈ [0, π/2] (papers.md §5.3)
+    noise_features = (64, 16.0)
+
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, *, model_channels: int,
                  channel_mult: Sequence[int], num_blocks: int, attn_resolutions: Sequence[int],
                  embed: nn.Module, noise_channels: int, stem_channels: int, block: Callable[..., ResBlock],

@@ -17,14 +17,6 @@ def setup() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def device() -> torch.device:
-    """This process's device: its rank's GPU when there are GPUs (LOCAL_RANK, as submitit and torchrun set it),
-    else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def all_sum(tensors: list[torch.Tensor], world: int) -> None:
     """In-place sum over ranks (no-op on one rank)."""
     if world > 1:

@@ -5,19 +5,21 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from cmbench import losses, paths
-from cmbench.config import ConfigError, RunConfig
+from cmbench import checkpoint, devices, losses, paths
+from cmbench.config import ConfigError, RunConfig, write_run_config
 from cmbench.data import make_data
 from cmbench.errors import TrainingDiverged
 from cmbench.nets import build_model
 from cmbench.teacher import build_teacher
 from cmbench.draws import Draws
-from cmbench.train import checkpoint, distributed
+from cmbench.train import distributed
 
 
 def build_optimizer(cfg: RunConfig, params):
@@ -55,24 +57,6 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
-def write_run_config(cfg: RunConfig, rdir: Path) -> None:
-    """config.json describes the run. Checkpoints and stats of another config are never mixed with this one's
-    nor deleted: they are set aside under names carrying their config hash."""
-    path = rdir / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text()).get("hash")
-        if old != cfg.hash:
-            for name in ("checkpoints", "stats.jsonl", "final.pt"):
-                if (rdir / name).exists():
-                    aside = rdir / f"{Path(name).stem}-{old}{Path(name).suffix}"
-                    os.replace(rdir / name, aside)
-                    print(f"cmbench: config changed ({old} → {cfg.hash}): kept {aside.name}", file=sys.stderr)
-    rdir.mkdir(parents=True, exist_ok=True)
-    tmp = rdir / ".config.json.tmp"
-    tmp.write_text(json.dumps({"hash": cfg.hash, "config": cfg.to_dict()}, indent=2))
-    os.replace(tmp, path)
-
-
 def truncate_stats(path: Path, start_step: int) -> None:
     """After a resume, drop stats lines from steps the checkpoint does not cover (they will be redone)."""
     if not path.exists():
@@ -91,134 +75,209 @@ def micro_batches(batch: int, per_device: int | None, rank: int, world: int) -> 
     return [slice(lo, lo + per_device) for lo in range(rank * share, (rank + 1) * share, per_device)]
 
 
-def train(cfg: RunConfig, rdir: Path, progress: bool = True) -> Path:
+@dataclass
+class Trainer:
+    """Everything a training step touches, built once per run: the model, its sampling EMA, the target network
+    θ⁻ (when the loss keeps one), the loss (with its learned parts), the optimizer and the data/noise stream."""
+    cfg: RunConfig
+    rdir: Path
+    dev: torch.device
+    data: object
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    target: torch.nn.Module | None
+    loss_fn: object
+    params: list
+    opt: torch.optim.Optimizer
+    generator: torch.Generator   # the data and noise stream, on the training device: its state is the data cursor
+    gamma: float | None          # EDM2 power-EMA exponent, or None for a constant ema_decay
+
+    @classmethod
+    def build(cls, cfg: RunConfig, rdir: Path, dev: torch.device) -> "Trainer":
+        teacher = build_teacher(cfg, rdir, dev)
+        data = make_data(cfg.dataset)
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg).to(dev).train()
+        loss_fn = losses.build(cfg, teacher, model)
+        if cfg.train.init_from is not None:
+            model.load_state_dict(checkpoint.load(cfg.train.init_from)["ema"])
+        elif cfg.teacher is not None and cfg.teacher.init_student:
+            model.load_state_dict(teacher.state)     # same network, other preconditioning (CM code copies it so)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        target = copy.deepcopy(model).requires_grad_(False) if loss_fn.target_ema(0) is not None else None
+        if loss_fn.module is not None:
+            loss_fn.module.to(dev)
+        params = list(model.parameters()) + (list(loss_fn.module.parameters()) if loss_fn.module is not None else [])
+        t = cfg.train
+        return cls(cfg, rdir, dev, data, model, ema, target, loss_fn, params,
+                   build_optimizer(cfg, params), torch.Generator(dev).manual_seed(cfg.run.seed),
+                   power_ema_gamma(t.ema_sigma_rel) if t.ema_sigma_rel is not None else None)
+
+    def state_dict(self, step: int) -> dict:
+        ck = {"step": step, "config_hash": self.cfg.hash, "model": self.model.state_dict(),
+              "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(), **rng_state(self.generator)}
+        if self.target is not None:
+            ck["target"] = self.target.state_dict()
+        if self.loss_fn.module is not None:
+            ck["loss_module"] = self.loss_fn.module.state_dict()
+        return ck
+
+    def load_state_dict(self, state: dict) -> int:
+        """Restore a checkpoint; returns its step."""
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
+        if self.loss_fn.module is not None:
+            self.loss_fn.module.load_state_dict(state["loss_module"])
+        self.opt.load_state_dict(state["optimizer"])
+        set_rng_state(state, self.generator)
+        return state["step"]
+
+    def gradients(self, step: int, parts: list[slice], world: int) -> torch.Tensor:
+        """Accumulate this rank's micro-batches of the global batch and sum gradients over ranks; returns the
+        global batch's mean loss. Every micro-batch rewinds the stream, so Draws hands out the same numbers
+        whatever the split."""
+        t = self.cfg.train
+        self.opt.zero_grad(set_to_none=True)
+        loss, at_step = torch.zeros((), device=self.dev), self.generator.get_state()
+        for part in parts:
+            self.generator.set_state(at_step)
+            draws = Draws(self.generator, t.batch, part)
+            x0, labels = self.data.sample_batch(t.batch, self.generator)
+            x0, labels = x0[part], None if labels is None else labels[part]
+            target = self.target if self.target is not None else self.model
+            micro = self.loss_fn(self.model, target, x0, step, draws, labels).sum() / t.batch
+            micro.backward()
+            loss += micro.detach()
+        distributed.all_sum([loss] + [p.grad for p in self.params if p.grad is not None], world)
+        return loss
+
+    def step(self, step: int, parts: list[slice], world: int) -> tuple[float, float]:
+        """One optimisation step; returns (loss, gradient norm). A non-finite loss or gradient norm stops the run
+        before the update (TrainingDiverged), so the newest checkpoint stays good."""
+        # the guards read Python floats (loss.item() is logged anyway); get_total_norm is the value
+        # clip_grad_norm_(params, inf) returns, without its multiplication of every gradient by 1.0
+        loss = self.gradients(step, parts, world).item()
+        self.guard(step, "loss", loss)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).item()
+        self.guard(step, "gradient norm", grad_norm)
+        self.opt.step()
+        self.update_averages(step)
+        return loss, grad_norm
+
+    def guard(self, step: int, what: str, value: float) -> None:
+        if not math.isfinite(value):
+            good = checkpoint.list_checkpoints(paths.checkpoints_dir(self.rdir))
+            raise TrainingDiverged(f"{self.cfg.run.variant} ({self.rdir}): step {step}: non-finite {what} "
+                                   f"({value}); last good checkpoint: {good[-1] if good else 'none'}")
+
+    @torch.no_grad()
+    def update_averages(self, step: int) -> None:
+        """The sampling EMA and, when the loss keeps one, the target network θ⁻ ← μ(k)θ⁻ + (1 − μ(k))θ."""
+        beta = ema_beta(self.cfg.train, step, self.gamma)
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            e.lerp_(p, 1 - beta)
+        if self.target is not None:
+            mu = self.loss_fn.target_ema(step)
+            for e, p in zip(self.target.parameters(), self.model.parameters()):
+                e.lerp_(p, 1 - mu)
+
+
+def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[int], None] | None = None,
+          on_save: Callable[[int, float], None] | None = None) -> Path:
     """Train until cfg.train.steps, resuming from the newest valid checkpoint; returns the final weights file.
     Idempotent: returns at once when the final file of this config exists. On several ranks (WORLD_SIZE > 1)
-    each computes its shard of the global batch, gradients are summed, and only rank 0 writes."""
+    each computes its shard of the global batch, gradients are summed, and only rank 0 writes.
+    on_step(k) is called as step k starts (and with k = steps after the last), on_save(k, seconds) after each
+    intermediate checkpoint write: how benchmarks time the loop from outside."""
     rdir = Path(rdir)
     final = paths.final_weights(rdir)
     if final.exists() and checkpoint.load(final)["config_hash"] == cfg.hash:
         return final
     rank, world = distributed.setup()
     main = rank == 0
+    ckdir = paths.checkpoints_dir(rdir)
     if main:
-        write_run_config(cfg, rdir)
-        (rdir / "checkpoints").mkdir(exist_ok=True)
+        write_run_config(cfg, rdir)      # planning wrote it; a run started from Python writes it here
+        checkpoint.set_aside_other_config(rdir, cfg.hash)
+        ckdir.mkdir(exist_ok=True)
     distributed.barrier(world)
     t = cfg.train
     torch.set_num_threads(t.threads)
-    dev = distributed.device()
+    dev = devices.device()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    teacher = build_teacher(cfg, rdir, dev)
-    data = make_data(cfg.dataset)
-
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg).to(dev).train()
-    loss_fn = losses.build(cfg, teacher)
-    if t.init_from is not None:
-        model.load_state_dict(checkpoint.load(t.init_from)["ema"])
-    elif cfg.teacher is not None and cfg.teacher.init_student:
-        model.load_state_dict(teacher.state)     # same network, other preconditioning (CM code copies it so)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    target = copy.deepcopy(model).requires_grad_(False) if loss_fn.target_ema(0) is not None else None
-    if loss_fn.module is not None:
-        loss_fn.module.to(dev)
-    params = list(model.parameters()) + (list(loss_fn.module.parameters()) if loss_fn.module is not None else [])
-    opt = build_optimizer(cfg, params)
-    # the data and noise stream, on the training device: its state is the data cursor
-    generator = torch.Generator(dev).manual_seed(cfg.run.seed)
-    gamma = power_ema_gamma(t.ema_sigma_rel) if t.ema_sigma_rel is not None else None
-
-    ckdir = rdir / "checkpoints"
-    state, path = checkpoint.load_latest_valid(ckdir)
-    start = 0
-    if state is not None:
-        if state["config_hash"] != cfg.hash:
-            raise ConfigError(f"{path} was written by config {state['config_hash']}, not {cfg.hash}")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        if target is not None:
-            target.load_state_dict(state["target"])
-        if loss_fn.module is not None:
-            loss_fn.module.load_state_dict(state["loss_module"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state, generator)
-        start = state["step"]
-        if main:
-            print(f"cmbench: resuming {rdir} from {path.name} (step {start})", file=sys.stderr)
-    stats_path = rdir / "stats.jsonl"
+    tr = Trainer.build(cfg, rdir, dev)
+    start = resume(tr, ckdir, main)
+    stats_path = paths.stats_file(rdir)
     if main:
         truncate_stats(stats_path, start)
-
-    def save(step: int) -> Path:
-        ck = {"step": step, "config_hash": cfg.hash, "model": model.state_dict(), "ema": ema.state_dict(),
-              "optimizer": opt.state_dict(), **rng_state(generator)}
-        if target is not None:
-            ck["target"] = target.state_dict()
-        if loss_fn.module is not None:
-            ck["loss_module"] = loss_fn.module.state_dict()
-        out = checkpoint.ckpt_path(ckdir, step)
-        checkpoint.save_atomic(ck, out)
-        checkpoint.prune(ckdir, t.keep_checkpoints)
-        return out
-
-    def diverged(step: int, what: str, value: torch.Tensor) -> TrainingDiverged:
-        good = checkpoint.list_checkpoints(ckdir)
-        return TrainingDiverged(f"{cfg.run.variant} ({rdir}): step {step}: non-finite {what} ({value.item()}); "
-                                f"last good checkpoint: {good[-1] if good else 'none'}")
-
-    loss_sum, n_acc, tick = 0.0, 0, time.perf_counter()
+    log = StatsLog(stats_path if main else None)
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=None if progress and main else True,
                desc=f"{cfg.run.variant}/{cfg.run.dataset}/s{cfg.run.seed}", mininterval=2, leave=False)
     parts = micro_batches(t.batch, t.batch_per_device, rank, world)
-    with open(stats_path if main else os.devnull, "a") as stats:
+    with log:
         for step in bar:
-            opt.zero_grad(set_to_none=True)
-            loss, at_step = torch.zeros((), device=dev), generator.get_state()
-            for part in parts:          # this rank's micro-batches of the global batch (Draws: same numbers)
-                generator.set_state(at_step)
-                draws = Draws(generator, t.batch, part)
-                x0, labels = data.sample_batch(t.batch, generator)
-                x0, labels = x0[part], None if labels is None else labels[part]
-                per_sample = loss_fn(model, target if target is not None else model, x0, step, draws, labels)
-                micro = per_sample.sum() / t.batch
-                micro.backward()
-                loss += micro.detach()
-            distributed.all_sum([loss] + [p.grad for p in params if p.grad is not None], world)
-            # the guards read Python floats (loss.item() is logged anyway); get_total_norm is the value
-            # clip_grad_norm_(params, inf) returns, without its multiplication of every gradient by 1.0
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise diverged(step, "loss", loss)
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if not math.isfinite(grad_norm.item()):
-                raise diverged(step, "gradient norm", grad_norm)
-            opt.step()
-            with torch.no_grad():
-                beta = ema_beta(t, step, gamma)
-                for e, p in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(p, 1 - beta)
-                if target is not None:
-                    mu = loss_fn.target_ema(step)
-                    for e, p in zip(target.parameters(), model.parameters()):
-                        e.lerp_(p, 1 - mu)
-            loss_sum, n_acc = loss_sum + loss_value, n_acc + 1
+            if on_step is not None:
+                on_step(step)
+            loss, grad_norm = tr.step(step, parts, world)
             done = step + 1
+            log.add(loss)
             if done % t.log_every == 0 or done == t.steps:
-                now = time.perf_counter()
-                rec = {"step": step, "loss": loss_sum / n_acc, "grad_norm": grad_norm.item(),
-                       "lr": opt.param_groups[0]["lr"], **loss_fn.stats(step),
-                       "sec_per_kstep": 1000 * (now - tick) / n_acc}
-                stats.write(json.dumps(rec) + "\n")
-                stats.flush()
+                rec = log.write(step, grad_norm, lr=tr.opt.param_groups[0]["lr"], **tr.loss_fn.stats(step))
                 bar.set_postfix(loss=f"{rec['loss']:.3g}")
-                loss_sum, n_acc, tick = 0.0, 0, now
             if main and done % t.checkpoint_every == 0 and done < t.steps:
-                save(done)
+                t0 = time.perf_counter()
+                checkpoint.save_atomic(tr.state_dict(done), checkpoint.ckpt_path(ckdir, done))
+                checkpoint.prune(ckdir, t.keep_checkpoints)
+                if on_save is not None:
+                    on_save(done, time.perf_counter() - t0)
+    if on_step is not None:
+        on_step(t.steps)
     distributed.barrier(world)
-    if not main:
-        return final
-    checkpoint.save_atomic({"step": t.steps, "config_hash": cfg.hash, "model": model.state_dict(),
-                            "ema": ema.state_dict()}, final)
+    if main:
+        checkpoint.save_atomic({"step": t.steps, "config_hash": cfg.hash, "model": tr.model.state_dict(),
+                                "ema": tr.ema.state_dict()}, final)
     return final
+
+
+def resume(tr: Trainer, ckdir: Path, main: bool) -> int:
+    """Load the newest valid checkpoint of this config into tr; returns the step to start from (0: none)."""
+    state, path = checkpoint.load_latest_valid(ckdir)
+    if state is None:
+        return 0
+    if state["config_hash"] != tr.cfg.hash:
+        raise ConfigError(f"{path} was written by config {state['config_hash']}, not {tr.cfg.hash}")
+    start = tr.load_state_dict(state)
+    if main:
+        print(f"cmbench: resuming {ckdir.parent} from {path.name} (step {start})", file=sys.stderr)
+    return start
+
+
+class StatsLog:
+    """stats.jsonl: one line per `train.log_every` steps with the mean loss since the last line, the last
+    gradient norm, the loss's own statistics and the time per thousand steps. None: another rank (no file)."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.file = path, None
+        self.loss_sum, self.n, self.tick = 0.0, 0, time.perf_counter()
+
+    def __enter__(self):
+        self.file = open(self.path if self.path is not None else os.devnull, "a")
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def add(self, loss: float) -> None:
+        self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+
+    def write(self, step: int, grad_norm: float, **extra) -> dict:
+        now = time.perf_counter()
+        rec = {"step": step, "loss": self.loss_sum / self.n, "grad_norm": grad_norm, **extra,
+               "sec_per_kstep": 1000 * (now - self.tick) / self.n}
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self.loss_sum, self.n, self.tick = 0.0, 0, now
+        return rec
