@@ -1,1 +1,1 @@
-"""Training: one loop for every variant, checkpoint IO."""
+"""Training: one loop for every variant (loop), and its ranks (distributed)."""
