@@ -24,7 +24,6 @@ class Plan:
     teacher_runs: dict[str, RunConfig]   # teachers outside the suite: trained, not evaluated
     results: str
     configs: str
-    overrides: list[str]
     launcher: str
     launch_config: str  # cluster facts per job kind (slurm)
     fuse: bool          # one job per run (train, sample, evaluate); default with the inline launcher
@@ -45,7 +44,6 @@ class Plan:
         if scale is not None:
             scale = check_name("scale", scale)
         overrides = config.get("set") or []
-        overrides = overrides.split() if isinstance(overrides, str) else list(overrides)
         # a scaled suite gets its own results tree, so that it never mixes with (or sets aside) the full runs
         configs = str(config.get("configs", "configs"))
         results = str(config.get("results", "results" if scale is None else f"results/scale-{scale}"))
@@ -77,7 +75,7 @@ class Plan:
         if not isinstance(fuse, bool):
             raise ConfigError(f"--config fuse must be True or False, got {fuse!r}")
         plan = cls(suite, runs, {k: v for k, v in teachers.items() if k not in runs}, results, configs,
-                   overrides, launcher, launch_config, fuse, scale)
+                   launcher, launch_config, fuse, scale)
         plan.reference_sources()      # FID reference keys hash the Inception weights: a missing file fails here
         from cmbench.report import load_paper_numbers
         load_paper_numbers(plan.paper_numbers())    # the report's input: a bad entry fails here, not in the last job
