@@ -1,5 +1,6 @@
 # cmbench workflow: train → sample (per NFE) → evaluate → records per run → tables. Logic lives in
 # cmbench.workflow; every config is resolved and validated while this file is parsed, before any job starts.
+# Every value a shell line takes is quoted ({x:q}, shlex.quote): no path or config value can run a command.
 #   snakemake --cores 2 all                              # the toy suite, one job per run (fused stages)
 #   snakemake --cores 2 all --config suite=NAME set="train.steps=2000 sample.n=5000" fuse=False
 import os
@@ -85,7 +86,7 @@ rule reference:
     log:
         f"{P.results}/reference/logs/{{name}}.log",
     shell:
-        "cmbench launch reference {params.args} > {log} 2>&1"
+        "cmbench launch reference {params.args:q} > {log:q} 2>&1"
 
 
 if P.fuse:
@@ -108,7 +109,7 @@ if P.fuse:
         log:
             f"{LOGS}/run.log",
         shell:
-            "cmbench launch run {params.args} > {log} 2>&1"
+            "cmbench launch run {params.args:q} > {log:q} 2>&1"
 
 else:
 
@@ -126,7 +127,7 @@ else:
         log:
             f"{LOGS}/train.log",
         shell:
-            "cmbench launch train {params.args} > {log} 2>&1"
+            "cmbench launch train {params.args:q} > {log:q} 2>&1"
 
     rule sample:
         input:
@@ -140,7 +141,7 @@ else:
         log:
             f"{LOGS}/sample-nfe{{nfe}}.log",
         shell:
-            "cmbench launch sample {params.args} --nfe {wildcards.nfe} > {log} 2>&1"
+            "cmbench launch sample {params.args:q} --nfe {wildcards.nfe:q} > {log:q} 2>&1"
 
     # one job per metric set (exact/pixel metrics, each FID library), all reading the same samples
     rule evaluate:
@@ -157,7 +158,7 @@ else:
         log:
             f"{LOGS}/evaluate-nfe{{nfe}}-{{metric}}.log",
         shell:
-            "cmbench launch evaluate {params.args} --nfe {wildcards.nfe} --metric {params.metric} > {log} 2>&1"
+            "cmbench launch evaluate {params.args:q} --nfe {wildcards.nfe:q} --metric {params.metric:q} > {log:q} 2>&1"
 
     rule collect:
         input:
@@ -169,7 +170,7 @@ else:
         log:
             f"{LOGS}/collect.log",
         shell:
-            "cmbench launch collect {params.args} > {log} 2>&1"
+            "cmbench launch collect {params.args:q} > {log:q} 2>&1"
 
 
 if P.studies():
@@ -183,7 +184,7 @@ if P.studies():
         log:
             f"{P.results}/studies/logs/theory.log",
         shell:
-            "python -m cmbench.studies.theory {params.out} > {log} 2>&1"
+            "python -m cmbench.studies.theory {params.out:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -198,5 +199,5 @@ rule report:
     log:
         f"{P.results}/tables/logs/report-{P.suite}.log",
     shell:
-        "cmbench report --suite {P.suite} --records {input.records} --paper-numbers {input.papers} "
-        "--tables {params.tables} --plots {params.plots} > {log} 2>&1"
+        "cmbench report --suite {P.suite:q} --records {input.records:q} --paper-numbers {input.papers:q} "
+        "--tables {params.tables:q} --plots {params.plots:q} > {log:q} 2>&1"

@@ -27,8 +27,9 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
 def cmd_resolve(a):
     from cmbench.checks import check_run
     from cmbench.config import Experiment, parse_overrides, write_run_config
-    cfg = check_run(Experiment(a.configs).resolve(a.suite, a.dataset, a.variant, a.seed, parse_overrides(a.set),
-                                                  a.scale))
+    exp = Experiment(a.configs)
+    exp.suite(a.suite)         # a suite of experiment.yaml (its name becomes part of the run dir)
+    cfg = check_run(exp.resolve(a.suite, a.dataset, a.variant, a.seed, parse_overrides(a.set), a.scale))
     if a.write is not None:
         from cmbench import paths
         rdir = paths.run_dir(a.write, cfg.run)
@@ -67,7 +68,9 @@ def cmd_launch(a):
 
 
 def cmd_report(a):
+    from cmbench.config import check_name
     from cmbench.report import report
+    check_name("suite", a.suite)      # part of the output file names
     for path in report(a.suite, a.records, a.tables, a.plots, a.paper_numbers):
         print(path)
 

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -38,11 +39,16 @@ def check_name(kind: str, name: Any) -> str:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # no NaN or ±inf anywhere (`optim.lr: .inf` would train nothing but NaNs)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0)]
+# A step count above 10⁹ is a typo (1e29): the papers' longest runs are under 10⁶ steps, and 10⁹ steps of even a
+# 1 ms toy step take 12 days; the bound also keeps every step index well inside torch's int64.
+MAX_STEPS = 10**9
+Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
 
 
 class RunId(Strict):
@@ -221,18 +227,25 @@ class Optim(Strict):
 
 
 class Train(Strict):
-    steps: PosInt
+    steps: Steps
     batch: PosInt = 512                 # global batch, whatever the number of ranks
     batch_per_device: PosInt | None = None   # micro-batch per rank; the rest is gradient accumulation
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999   # sampling EMA; must suit the run length (calibration.md)
     # EDM2's power-function EMA with this relative length (Karras et al. 2024, Eq. 3; sCM's ImageNet EMA): when
     # set, it replaces ema_decay by β_k = (k/(k + 1))^(γ + 1) at step k, γ from σ_rel
     ema_sigma_rel: Annotated[float, Field(gt=0, lt=0.2886)] | None = None
-    checkpoint_every: PosInt = 1000
+    checkpoint_every: Steps = 1000
     keep_checkpoints: PosInt = 2
-    log_every: PosInt = 100
+    log_every: Steps = 100
     threads: PosInt = 1                 # torch intra-op threads; two 1-thread runs beat one 2-thread run on toys
     init_from: Annotated[FilePath, Field(strict=False)] | None = None   # a checkpoint whose EMA weights start this run
+
+    @model_validator(mode="after")
+    def _micro_batches(self):
+        """On one rank; the ranks of a cluster job are checked when the workflow is planned (cmbench.workflow)."""
+        if self.batch_per_device is not None and self.batch % self.batch_per_device:
+            raise ValueError(f"batch_per_device {self.batch_per_device} does not divide batch {self.batch}")
+        return self
 
 
 class Teacher(Strict):
@@ -360,17 +373,50 @@ def config_hash(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class YamlLoader(yaml.SafeLoader):
+    """YAML as a person writes it, for every config file and override: `3e-4`, `1e10` and `-2E+5` are floats (YAML
+    1.2; PyYAML's YAML 1.1 reads an exponent without a dot or sign as a string), and a key given twice in one
+    mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}     # key → its line; the keys a `<<` merge brings in may be overridden, as YAML says
+        for key_node, _ in node.value:
+            key = None if key_node.tag == "tag:yaml.org,2002:merge" else self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+YamlLoader.add_implicit_resolver(   # only the exponent forms YAML 1.1 misses; its float resolver comes first
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)
+
+
+def yaml_error(e: yaml.YAMLError) -> str:
+    """A YAML error in one line, with the line it is on."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        return f"line {e.problem_mark.line + 1}: {e.problem}"
+    return " ".join(str(e).split())
+
+
 def load_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
-        return {}
+        raise ConfigError(f"{path}: not valid YAML ({yaml_error(e)})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        got = "nothing" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{path}: must be a mapping of keys, got {got} (write {{}} to set nothing)")
     return data
 
 
@@ -392,24 +438,40 @@ def deep_merge(base: dict, over: dict, top: bool = True) -> dict:
 
 
 def parse_overrides(items: list[str] | str | None) -> dict:
-    """`key.path=value` strings (value parsed as YAML) → nested dict. A string holds space-separated items."""
-    if not items:
+    """`key.path=value` strings (value parsed as YAML) → nested dict. A string (Snakemake's `--config set=...`)
+    holds items separated by spaces, split as a shell would: quotes keep a value with spaces together. Setting a
+    key twice keeps the last value; setting a key and a key inside it is an error (which one was meant?)."""
+    if items is None or items == "":
         return {}
     if isinstance(items, str):
-        items = items.split()
+        try:
+            items = shlex.split(items)
+        except ValueError as e:
+            raise ConfigError(f"overrides {items!r}: {e}") from None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"overrides must be key.path=value strings, got {items!r} "
+                          f"(e.g. --set train.steps=100, or --config set='train.steps=100 optim.lr=3e-4')")
     out: dict = {}
+    given: dict[tuple, str] = {}       # key path → the item that set it
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key.path=value")
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        path = tuple(key.split("."))
+        if not sep or not all(path):
+            raise ConfigError(f"override {item!r} is not of the form key.path=value with non-empty keys "
+                              f"(e.g. train.steps=100)")
+        for other, earlier in given.items():
+            if other != path and other[:len(path)] == path[:len(other)]:
+                raise ConfigError(f"overrides {earlier!r} and {item!r} conflict: one sets "
+                                  f"{'.'.join(min(other, path, key=len))} as a whole, the other a key inside it")
+        given[path] = item
         try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+            parsed = parse_yaml(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({yaml_error(e)})") from None
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = parsed
     return out
 
 
@@ -420,9 +482,10 @@ def format_validation_error(e: ValidationError, where: str) -> str:
         return f"{where}: unknown key '{loc}'"
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "value_error":     # a cross-field check: its message names the values
+    if err["type"] in ("value_error", "missing"):   # a cross-field check names the values; a missing key has none
         return f"{where}: {loc + ': ' if loc else ''}{msg}{more}"
-    return f"{where}: {loc}: {msg} (got {err.get('input')!r}){more}"
+    got = repr(err.get("input"))
+    return f"{where}: {loc}: {msg} (got {got if len(got) <= 80 else got[:77] + '...'}){more}"
 
 
 def schema_defaults() -> dict:
@@ -481,6 +544,7 @@ class Experiment:
 
     def resolve(self, suite: str, dataset: str, variant: str, seed: int, overrides: dict | None = None,
                 scale: str | None = None) -> RunConfig:
+        check_name("suite", suite)       # a path component of the run dir
         where = f"config {suite}/{dataset}/{variant}/s{seed}" + (f" (scale {scale})" if scale else "")
         merged = deep_merge(schema_defaults(), load_yaml(self.root / "defaults.yaml"))
         merged = deep_merge(merged, self._named("dataset", dataset))

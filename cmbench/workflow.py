@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 from cmbench import paths
 from cmbench.checks import check_init, check_run
-from cmbench.config import (LAUNCHERS, ConfigError, Experiment, RunConfig, check_name, load_launch_config,
-                            parse_overrides, write_run_config)
+from cmbench.config import (LAUNCHERS, ConfigError, Experiment, LaunchConfig, RunConfig, check_name,
+                            load_launch_config, parse_overrides, write_run_config)
 
 # the run-directory pattern of the Snakefile's rules: paths.run_dir with wildcards for its parts
 WILDCARDS = SimpleNamespace(suite="{suite}", dataset="{dataset}", variant="{variant}", seed="{seed}")
@@ -47,6 +47,9 @@ class Plan:
         # a scaled suite gets its own results tree, so that it never mixes with (or sets aside) the full runs
         configs = str(config.get("configs", "configs"))
         results = str(config.get("results", "results" if scale is None else f"results/scale-{scale}"))
+        for key, path in (("configs", configs), ("results", results)):
+            if "{" in path or "}" in path:     # Snakemake would read them as wildcards of every file pattern
+                raise ConfigError(f"--config {key}={path!r}: a path with braces is not supported (rename it)")
         exp = Experiment(configs)
         s = exp.suite(suite)
         parsed = parse_overrides(overrides)
@@ -70,7 +73,9 @@ class Plan:
             raise ConfigError(f"--config launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}")
         launch_config = str(config.get("launch_config", Path(configs) / "launch" / "slurm.yaml"))
         if launcher == "slurm":
-            load_launch_config(launch_config)      # a bad cluster file fails here, before any job
+            launch_cfg = load_launch_config(launch_config)      # a bad cluster file fails here, before any job
+            for cfg in [*runs.values(), *teachers.values()]:
+                check_ranks(cfg, launch_cfg, launch_config)
         fuse = config.get("fuse", launcher == "inline")
         if not isinstance(fuse, bool):
             raise ConfigError(f"--config fuse must be True or False, got {fuse!r}")
@@ -135,9 +140,9 @@ class Plan:
             return []
         return [str(paths.final_weights(paths.sibling_run(self.run_dir(w), cfg.teacher.variant)))]
 
-    def args(self, w) -> str:
-        """The arguments of `cmbench launch` that name the run: its directory, as one shell-safe string."""
-        return f"--run '{self.run_dir(w)}'"
+    def args(self, w) -> list[str]:
+        """The arguments of `cmbench launch` that name the run (the rules quote each: `{params.args:q}`)."""
+        return ["--run", str(self.run_dir(w))]
 
     def launch_env(self) -> dict[str, str]:
         """How jobs are launched travels in the environment, not in rule params: switching between the
@@ -175,6 +180,20 @@ class Plan:
                         self._references.setdefault(str(reference_path(cfg, n, self.results, m)), (Path(rdir), n, m))
         return self._references
 
-    def reference_args(self, output: str) -> str:
+    def reference_args(self, output: str) -> list[str]:
         rdir, nfe, metric = self.reference_sources()[output]
-        return f"--run '{rdir}' --nfe {nfe} --metric {metric}"
+        return ["--run", str(rdir), "--nfe", str(nfe), "--metric", metric]
+
+
+def check_ranks(cfg: RunConfig, launch_cfg: LaunchConfig, launch_config: str) -> None:
+    """The global batch of a Slurm training job must split into its ranks × micro-batches of
+    train.batch_per_device: checked while planning, not when the job starts (cmbench.train.loop.micro_batches)."""
+    from cmbench.launch import _slurm_parameters, job_kind      # imports submitit: only for the slurm launcher
+    from cmbench.train.loop import micro_batches
+    job = _slurm_parameters(launch_cfg, job_kind("train", cfg))
+    ranks = job["tasks_per_node"] * job["nodes"]
+    try:
+        micro_batches(cfg.train.batch, cfg.train.batch_per_device, 0, ranks)
+    except ConfigError as e:
+        raise ConfigError(f"config {cfg.run.suite}/{cfg.run.dataset}/{cfg.run.variant}/s{cfg.run.seed}: {e} "
+                          f"(the {ranks} rank(s) of a {job_kind('train', cfg)} job in {launch_config})") from None

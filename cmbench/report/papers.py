@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from cmbench.config import ConfigError
+from cmbench.config import ConfigError, parse_yaml
 
 PAPER_DATASETS = ("cifar10", "imagenet64")
 STATUSES = ("confirmed", "secondary", "unverified")
@@ -132,7 +132,7 @@ def load_paper_numbers(path: str | Path, variants: set[str] | None = None) -> li
     A bad file raises ConfigError with a one-line message naming the entry."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict) or set(data) != {"protocols", "entries"}:
