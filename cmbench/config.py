@@ -414,10 +414,16 @@ def load_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: no such file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({yaml_error(e)})") from None
-    if not isinstance(data, dict):
-        got = "nothing" if data is None else f"a {type(data).__name__}"
-        raise ConfigError(f"{path}: must be a mapping of keys, got {got} (write {{}} to set nothing)")
-    return data
+    if data is None:
+        raise ConfigError(f"{path}: empty (a config file is a mapping of keys; write {{}} to set nothing)")
+    return mapping(data, str(path))
+
+
+def mapping(layer: Any, where: str) -> dict:
+    """A layer of the merge: a mapping, or nothing (None)."""
+    if layer is not None and not isinstance(layer, dict):
+        raise ConfigError(f"{where}: must be a mapping of keys, not {type(layer).__name__}")
+    return layer or {}
 
 
 # top-level blocks whose tag picks a schema: a block with another tag replaces the lower one, since its keys are
@@ -548,22 +554,22 @@ class Experiment:
         where = f"config {suite}/{dataset}/{variant}/s{seed}" + (f" (scale {scale})" if scale else "")
         merged = deep_merge(schema_defaults(), load_yaml(self.root / "defaults.yaml"))
         merged = deep_merge(merged, self._named("dataset", dataset))
-        variant_cfg = self._named("variant", variant)
-        blocks = {}
-        for key in ("per_kind", "per_dataset"):
-            blocks[key] = variant_cfg.pop(key, None) or {}
-            if not isinstance(blocks[key], dict):
-                raise ConfigError(f"{self.root}/variants/{variant}.yaml: {key} must be a mapping of "
-                                  f"{'dataset kinds' if key == 'per_kind' else 'dataset names'}")
+        variant_cfg, vfile = self._named("variant", variant), self.root / "variants" / f"{variant}.yaml"
+        per_kind, per_dataset = (mapping(variant_cfg.pop(k, None), f"{vfile}: {k}")
+                                 for k in ("per_kind", "per_dataset"))
         merged = deep_merge(merged, variant_cfg)
-        merged = deep_merge(merged, blocks["per_kind"].get((merged.get("dataset") or {}).get("kind")) or {})
-        merged = deep_merge(merged, blocks["per_dataset"].get(dataset) or {})
+        kind = merged["dataset"].get("kind") if isinstance(merged.get("dataset"), dict) else None
+        layers = [(per_kind.get(kind), f"{vfile}: per_kind.{kind}"),
+                  (per_dataset.get(dataset), f"{vfile}: per_dataset.{dataset}")]
         if scale is not None:
-            layers = self.scale(scale)
-            for layer in (layers.get("all"), (layers.get("per_dataset") or {}).get(dataset),
-                          (layers.get("per_variant") or {}).get(variant)):
-                merged = deep_merge(merged, layer or {})
-        merged = deep_merge(merged, overrides or {})
+            sc, sfile = self.scale(scale), self.root / "scales" / f"{scale}.yaml"
+            layers += [(sc.get("all"), f"{sfile}: all"),
+                       ((sc.get("per_dataset") or {}).get(dataset), f"{sfile}: per_dataset.{dataset}"),
+                       ((sc.get("per_variant") or {}).get(variant), f"{sfile}: per_variant.{variant}")]
+        for layer, at in [*layers, (overrides, "--set")]:
+            merged = deep_merge(merged, mapping(layer, at))
+        if "run" in merged:
+            raise ConfigError(f"{where}: 'run' is not a setting (the suite's experiment.yaml entry names the runs)")
         merged["run"] = {"suite": suite, "dataset": dataset, "variant": variant, "seed": seed}
         try:
             return RunConfig.model_validate(merged)

@@ -48,7 +48,8 @@ def plan(configs, **config):
 
 
 def test_exponent_floats_without_a_dot_are_floats_in_files_set_and_snakemake_config(configs, capsys):
-    (configs / "variants" / "ict.yaml").write_text("loss: {name: ict}\ntrain: {steps: 100}\noptim: {lr: 2e-4, eps: 1e10}\n")
+    (configs / "variants" / "ict.yaml").write_text("loss: {name: ict}\ntrain: {steps: 100}\n"
+                                                   "optim: {lr: 2e-4, eps: 1e10}\n")
     cfg = resolve(configs)
     assert (cfg.optim.lr, cfg.optim.eps) == (2e-4, 1e10)
     one_line_error(lambda: resolve(configs, parse_overrides(["optim.eps=-2E+5"])), "optim.eps", "greater than 0",
@@ -72,11 +73,20 @@ def test_a_key_set_whole_and_inside_and_a_non_string_set_are_one_line_errors(con
     assert resolve(configs, parse_overrides(["train.steps=3", "train.steps=4"])).train.steps == 4
 
 
-def test_an_empty_or_non_mapping_variant_yaml_names_its_file(configs):
-    variant = configs / "variants" / "ict.yaml"
-    for text, got in (("", "got nothing"), ("# all commented out\n", "got nothing"), ("- a\n- b\n", "got a list")):
+def test_an_empty_or_non_mapping_yaml_or_block_names_its_file(configs):
+    """Before: an empty variant file gave an 855-character line dumping the merged config, naming no file; a
+    per_dataset or scale block that is not a mapping crashed with AttributeError."""
+    variant, scale = configs / "variants" / "ict.yaml", configs / "scales" / "smoke.yaml"
+    for text, got in (("", "empty"), ("# all commented out\n", "empty"), ("- a\n- b\n", "mapping of keys, not list")):
         variant.write_text(text)
         one_line_error(lambda: resolve(configs), str(variant), got)
+    variant.write_text("loss: {name: ict}\ntrain: {steps: 10}\nper_dataset: {gauss1d: [1]}\n")
+    one_line_error(lambda: resolve(configs), f"{variant}: per_dataset.gauss1d: must be a mapping of keys, not list")
+    variant.write_text("loss: {name: ict}\ntrain: {steps: 10}\nrun: {seed: 3}\n")       # used to be dropped silently
+    one_line_error(lambda: resolve(configs), "'run' is not a setting")
+    scale.write_text("all: 5\n")
+    one_line_error(lambda: Experiment(configs).resolve("toy", "gauss1d", "edm", 0, scale="smoke"),
+                   f"{scale}: all: must be a mapping of keys, not int")
 
 
 def test_an_override_key_with_an_empty_part_is_refused(configs):
