@@ -181,3 +181,7 @@ def test_a_results_path_with_spaces_quotes_newline_and_command_substitution_runs
     assert (results / "tables" / "logs" / "report-mini.log").is_file()
     assert [p.name for p in tmp_path.rglob("PWNED*")] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".snakemake", HOSTILE, "config.yaml"])
+
+
+def test_a_results_path_with_braces_is_refused_not_read_as_wildcards(configs, tmp_path):
+    one_line_error(lambda: plan(configs, results=tmp_path / "res{suite}"), "braces", "res{suite}")
