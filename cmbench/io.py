@@ -115,16 +115,14 @@ def locked(path: str | Path, what: str, shared: bool = False) -> Iterator[None]:
         os.close(fd)
         raise RunDirInUse(f"{what} is in use by {holder} (lock file {path}): wait for it to end, or stop it, "
                           f"then retry") from None
-    if not shared:      # who holds it, for the message of a process that finds it taken
-        os.ftruncate(fd, 0)
+    os.ftruncate(fd, 0)      # the exclusive holder, for the message of a process that finds the lock taken
+    if not shared:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
     _held[key] = shared
     try:
         yield
     finally:
         del _held[key]
-        if not shared:
-            os.ftruncate(fd, 0)
         os.close(fd)        # releases the lock
 
 
