@@ -1,4 +1,5 @@
-"""File handling one floor down: atomic writes, content hashes, safe loads. Every module that writes a result,
+"""File handling one floor down: atomic writes, content hashes, damaged files set aside, JSON lines read past a torn
+line, lock files. Every module that writes a result,
 checkpoint or record goes through here, so that a crash or preemption leaves the old file or the whole new one,
 never a torn one."""
 import fcntl
@@ -6,6 +7,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -115,6 +117,12 @@ def locked(path: str | Path, what: str, shared: bool = False) -> Iterator[None]:
         os.close(fd)
         raise RunDirInUse(f"{what} is in use by {holder} (lock file {path}): wait for it to end, or stop it, "
                           f"then retry") from None
+    except OSError as e:    # a file system without locks (e.g. Lustre mounted noflock): the work matters more
+        os.close(fd)
+        print(f"cmbench: {path}: the file system refuses locks ({e.strerror}); {what} goes unlocked",
+              file=sys.stderr)
+        yield
+        return
     os.ftruncate(fd, 0)      # the exclusive holder, for the message of a process that finds the lock taken
     if not shared:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)

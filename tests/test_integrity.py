@@ -1,6 +1,8 @@
 """Damaged state and concurrency (issue 15, items 4 and 6): a flipped bit in a checkpoint or final.pt, a garbage
 final.pt, a truncated config.json, a torn stats line, two processes on one run dir."""
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -221,3 +223,14 @@ def test_samplers_share_a_run_dir_but_never_with_a_trainer(tmp_path, holder):
     with pytest.raises(RunDirInUse, match="in use by a sampler"):
         with io.locked(lock, "run dir"):
             pass
+
+
+def test_a_file_system_without_locks_warns_in_one_line_and_goes_on(tmp_path, monkeypatch, capsys):
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(io.fcntl, "flock", refuse)
+    ran = False
+    with io.locked(tmp_path / ".lock", "run dir R"):
+        ran = True
+    assert ran and capsys.readouterr().err == (f"cmbench: {tmp_path / '.lock'}: the file system refuses locks "
+                                               f"({os.strerror(errno.ENOLCK)}); run dir R goes unlocked\n")
