@@ -1,7 +1,6 @@
-"""File handling one floor down: atomic writes, content hashes, damaged files set aside, JSON lines read past a torn
-line, lock files. Every module that writes a result,
-checkpoint or record goes through here, so that a crash or preemption leaves the old file or the whole new one,
-never a torn one."""
+"""File handling one floor down: atomic writes, content hashes, damaged files set aside, JSON lines read past a
+torn line, lock files. Every module that writes a result, checkpoint or record goes through here, so that a crash
+or preemption leaves the old file or the whole new one, never a torn one."""
 import fcntl
 import hashlib
 import json
