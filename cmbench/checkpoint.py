@@ -1,16 +1,20 @@
 """Checkpoint IO, below every stage that reads weights (train, teacher, sample, benchmarks): atomic writes
-(cmbench.io), safe loads (weights_only), newest-valid selection."""
+(cmbench.io), verified safe loads (CRC-32, weights_only), newest-valid selection, the run dir's lock."""
 import os
 import re
 import sys
+import zipfile
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 
 from cmbench import io, paths
+from cmbench.errors import DamagedFile
 
 _CKPT = re.compile(r"^ckpt-(\d{9})\.pt$")
 REQUIRED = ("step", "config_hash", "model", "ema", "optimizer", "generator", "torch_rng")
+FINAL_REQUIRED = ("step", "config_hash", "model", "ema")
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -18,9 +22,51 @@ def save_atomic(obj: dict, path: Path) -> None:
     io.save_torch(path, obj)
 
 
-def load(path: Path) -> dict:
-    """weights_only: tensors and plain containers only; no arbitrary unpickling."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """A checkpoint (or final weights) file, verified, then loaded weights_only (tensors and plain containers,
+    no arbitrary unpickling). torch.save writes a zip archive with a CRC-32 of every entry but torch.load never
+    checks them, so they are checked here first: a flipped bit or torn write anywhere in the data is caught
+    (CRC-32 catches every error burst up to 32 bits). The check needs no file beside the checkpoint, so a crash
+    between two writes cannot leave a good file unverifiable. Raises DamagedFile (one line naming the file) for
+    a file that fails, does not load or lacks a `required` entry; an absent file raises FileNotFoundError."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        state = None if bad else torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:     # not a zip archive, or not a loadable one
+        raise DamagedFile(f"{path}: unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+    if bad:
+        raise DamagedFile(f"{path}: entry {bad} fails its CRC-32 check")
+    missing = [k for k in required if k not in state] if isinstance(state, dict) else ["(not a mapping)"]
+    if missing:
+        raise DamagedFile(f"{path}: missing entries {missing}")
+    return state
+
+
+def load_final(rdir: Path, set_aside: bool = True) -> dict:
+    """A run's final weights, verified. A damaged file is set aside (renamed, kept) unless `set_aside` is False
+    (ranks other than 0 leave that to rank 0), so that the train stage redoes it from the run's checkpoints
+    instead of every retry failing on it; the DamagedFile raised says so in one line."""
+    path = paths.final_weights(rdir)
+    try:
+        return load(path, FINAL_REQUIRED)
+    except DamagedFile as e:
+        if not set_aside:
+            raise
+        try:
+            aside = f"set aside as {io.set_aside(path).name}"
+        except FileNotFoundError:        # another sampler of this run was first
+            aside = "set aside by another process"
+        raise DamagedFile(f"{e}; {aside}: the train stage redoes it from the run's checkpoints "
+                          f"(re-run snakemake, or cmbench train --run {rdir})") from None
+
+
+def run_lock(rdir: Path, shared: bool = False) -> AbstractContextManager:
+    """The run dir's lock (cmbench.io.locked): exclusive to train (the stats, checkpoints and final weights
+    have one writer), shared among samplers (NFEs sample in parallel, never while the run trains)."""
+    return io.locked(paths.lock_file(rdir), f"run dir {rdir}", shared)
 
 
 def ckpt_path(folder: Path, step: int) -> Path:
@@ -36,16 +82,13 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def load_latest_valid(folder: Path) -> tuple[dict, Path] | tuple[None, None]:
-    """The newest checkpoint that loads and holds every required entry; unreadable ones are reported and skipped."""
+    """The newest checkpoint that passes its check and holds every required entry; damaged ones are reported
+    and skipped (left in place: the run overwrites them when it reaches their step again)."""
     for path in reversed(list_checkpoints(folder)):
         try:
-            state = load(path)
-            missing = [k for k in REQUIRED if k not in state]
-            if missing:
-                raise ValueError(f"missing entries {missing}")
-            return state, path
-        except Exception as e:  # a torn or corrupt file: fall back to the previous one
-            print(f"cmbench: skipping unreadable checkpoint {path}: {type(e).__name__}: {e}", file=sys.stderr)
+            return load(path, REQUIRED), path
+        except DamagedFile as e:  # a torn or corrupt file: fall back to the previous one
+            print(f"cmbench: skipping unreadable checkpoint {e}", file=sys.stderr)
     return None, None
 
 

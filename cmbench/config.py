@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -585,8 +586,11 @@ def write_run_config(cfg: RunConfig, rdir: str | Path) -> bool:
     try:
         if json.loads(path.read_text())["hash"] == cfg.hash:
             return False
-    except (OSError, ValueError, KeyError, TypeError):     # absent or damaged: write it
+    except FileNotFoundError:
         pass
+    except (ValueError, KeyError, TypeError) as e:     # damaged (torn, truncated, edited): keep it, write anew
+        print(f"cmbench: {path}: damaged ({type(e).__name__}); set aside as {io.set_aside(path).name} and "
+              f"rewritten", file=sys.stderr)
     io.write_text(path, json.dumps({"hash": cfg.hash, "config": cfg.to_dict()}, indent=2))
     return True
 
@@ -600,7 +604,8 @@ def load_run_config(rdir: str | Path) -> RunConfig:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (plan the run first: snakemake, or cmbench resolve --write)") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: not a run config ({type(e).__name__})") from None
+        raise ConfigError(f"{path}: damaged, not a run config ({type(e).__name__}): re-run snakemake (or cmbench "
+                          f"resolve --write) to set it aside and write it anew") from None
     if cfg.hash != saved.get("hash"):
         raise ConfigError(f"{path}: its config hashes to {cfg.hash}, not the stored {saved.get('hash')} "
                           f"(edited by hand, or written by another version of the schema)")

@@ -4,6 +4,7 @@ Launchers: `inline` calls the stage in this process (no submitit; the laptop toy
 rule); `debug` is submitit's in-process DebugExecutor (drops into pdb on error: for interactive debugging);
 `local` is submitit's LocalExecutor (a child process per job); `slurm` submits with sbatch through submitit,
 records the job id in the run dir, and re-attaches to that job after a restart instead of submitting again."""
+import contextlib
 import json
 import os
 import sys
@@ -71,8 +72,13 @@ SPLIT_STAGES = ("train", "sample")             # the stages a job may split over
 
 def run_stage(stage: str, rdir: str, nfe: int | None, metric: str = "data") -> None:
     """The job function (importable, so submitit can pickle it). Takes the run directory, whose config.json
-    (written when the workflow was planned) is all a stage reads."""
-    STAGES[stage](Path(rdir), nfe, metric)
+    (written when the workflow was planned) is all a stage reads. The run dir's lock is taken here, inside the
+    job (not by the process that waits for it): a fused run holds it exclusively for all its stages, samplers
+    share it; training takes it itself (rank 0 only: cmbench.train.loop.train)."""
+    from cmbench.checkpoint import run_lock
+    locked = stage in ("run", "sample")
+    with run_lock(rdir, shared=stage == "sample") if locked else contextlib.nullcontext():
+        STAGES[stage](Path(rdir), nfe, metric)
 
 
 def job_name(stage: str, nfe: int | None, metric: str = "data") -> str:

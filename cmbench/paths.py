@@ -74,3 +74,8 @@ def reference_file(results: str | Path, dataset: str, key: str, metric_set: str 
     settings, not on the run: computed once and shared."""
     prefix = "" if metric_set == "data" else slug(metric_set) + "-"
     return Path(results) / "reference" / f"{prefix}{dataset}-{key}.npz"
+
+
+def lock_file(rdir: Path) -> Path:
+    """Held by the process that trains or samples the run (cmbench.checkpoint.run_lock)."""
+    return Path(rdir) / ".lock"

@@ -75,7 +75,7 @@ def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, sh
     the samples (or uint8 images), seeds, class labels (conditional data: one per seed), the σ list and a JSON
     `meta` describing how they were made."""
     rdir = Path(rdir)
-    cfg, final = load_run_config(rdir), checkpoint.load(paths.final_weights(rdir))
+    cfg, final = load_run_config(rdir), checkpoint.load_final(rdir)
     if nfe not in cfg.sample.nfe:
         raise ValueError(f"{rdir}: NFE {nfe} is not in sample.nfe {cfg.sample.nfe}")
     torch.set_num_threads(cfg.train.threads)

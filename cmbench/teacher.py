@@ -28,7 +28,7 @@ class NetworkTeacher:
 
     def __init__(self, rdir: Path, device: torch.device | str = "cpu"):
         self.cfg = load_run_config(rdir)
-        self.state = checkpoint.load(paths.final_weights(rdir))["ema"]
+        self.state = checkpoint.load_final(rdir)["ema"]
         self.model = build_model(self.cfg).requires_grad_(False).eval()
         self.model.load_state_dict(self.state)
         self.model.to(device)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from cmbench import paths
+from cmbench import io, paths
 from cmbench.metrics.keys import ORDER
 
 ID_COLUMNS = ["suite", "dataset", "variant", "seed", "nfe", "metric", "backend", "mode", "value", "ideal"]
@@ -66,7 +67,10 @@ def training_curves(df: pd.DataFrame) -> pd.DataFrame:
         stats = stats_file_of(f)
         if stats is None or not stats.exists():
             continue
-        s = pd.DataFrame([json.loads(line) for line in stats.read_text().splitlines() if line.strip()])
+        lines, torn = io.read_jsonl(stats)
+        if torn:     # a training run killed mid-line: its curve goes without that line
+            print(f"cmbench: {stats}: skipped {torn} torn line(s)", file=sys.stderr)
+        s = pd.DataFrame(lines)
         qs = [q for q in ("loss", "grad_norm") if q in s]
         if "step" not in s or not qs:
             continue

@@ -1,4 +1,5 @@
 """The one training loop. Every variant runs through it; a variant only picks a registered loss and knobs."""
+import contextlib
 import copy
 import json
 import math
@@ -12,10 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cmbench import checkpoint, devices, losses, paths
+from cmbench import checkpoint, devices, io, losses, paths
 from cmbench.config import ConfigError, RunConfig, write_run_config
 from cmbench.data import make_data
-from cmbench.errors import TrainingDiverged
+from cmbench.errors import DamagedFile, TrainingDiverged
 from cmbench.nets import build_model
 from cmbench.teacher import build_teacher
 from cmbench.draws import Draws
@@ -58,11 +59,15 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 def truncate_stats(path: Path, start_step: int) -> None:
-    """After a resume, drop stats lines from steps the checkpoint does not cover (they will be redone)."""
+    """As training (re)starts, keep only the stats lines of the steps the checkpoint covers (the rest are
+    redone) and drop a line torn by a crash mid-write; the file is replaced atomically."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < start_step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    records, torn = io.read_jsonl(path)
+    if torn:
+        print(f"cmbench: {path}: dropped {torn} torn line(s)", file=sys.stderr)
+    keep = [r for r in records if isinstance(r.get("step"), int) and r["step"] < start_step]
+    io.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def micro_batches(batch: int, per_device: int | None, rank: int, world: int) -> list[slice]:
@@ -190,13 +195,34 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[
     Idempotent: returns at once when the final file of this config exists. On several ranks (WORLD_SIZE > 1)
     each computes its shard of the global batch, gradients are summed, and only rank 0 writes.
     on_step(k) is called as step k starts (and with k = steps after the last), on_save(k, seconds) after each
-    intermediate checkpoint write: how benchmarks time the loop from outside."""
+    intermediate checkpoint write: how benchmarks time the loop from outside.
+    Rank 0 holds the run dir's lock throughout (checkpoint.run_lock): a second trainer, or a sampler, of the
+    same run dir stops with one line instead of interleaving with this one."""
     rdir = Path(rdir)
-    final = paths.final_weights(rdir)
-    if final.exists() and checkpoint.load(final)["config_hash"] == cfg.hash:
-        return final
     rank, world = distributed.setup()
+    with checkpoint.run_lock(rdir) if rank == 0 else contextlib.nullcontext():
+        return _train(cfg, rdir, rank, world, progress, on_step, on_save)
+
+
+def finished(cfg: RunConfig, rdir: Path, main: bool) -> bool:
+    """Whether final weights of this config exist and pass their check. Rank 0 sets damaged ones aside (one
+    line on stderr), so that training redoes them from the checkpoints."""
+    try:
+        return checkpoint.load_final(rdir, set_aside=main)["config_hash"] == cfg.hash
+    except FileNotFoundError:
+        return False
+    except DamagedFile as e:
+        if main:
+            print(f"cmbench: {e}", file=sys.stderr)
+        return False
+
+
+def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
+           on_step: Callable[[int], None] | None, on_save: Callable[[int, float], None] | None) -> Path:
+    final = paths.final_weights(rdir)
     main = rank == 0
+    if finished(cfg, rdir, main):
+        return final
     ckdir = paths.checkpoints_dir(rdir)
     if main:
         write_run_config(cfg, rdir)      # planning wrote it; a run started from Python writes it here
@@ -209,11 +235,11 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     tr = Trainer.build(cfg, rdir, dev)
-    start = resume(tr, ckdir, main)
+    start, window = resume(tr, ckdir, main)
     stats_path = paths.stats_file(rdir)
     if main:
         truncate_stats(stats_path, start)
-    log = StatsLog(stats_path if main else None)
+    log = StatsLog(stats_path if main else None, window)
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=None if progress and main else True,
                desc=f"{cfg.run.variant}/{cfg.run.dataset}/s{cfg.run.seed}", mininterval=2, leave=False)
     parts = micro_batches(t.batch, t.batch_per_device, rank, world)
@@ -229,7 +255,8 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[
                 bar.set_postfix(loss=f"{rec['loss']:.3g}")
             if main and done % t.checkpoint_every == 0 and done < t.steps:
                 t0 = time.perf_counter()
-                checkpoint.save_atomic(tr.state_dict(done), checkpoint.ckpt_path(ckdir, done))
+                checkpoint.save_atomic({**tr.state_dict(done), "stats_window": log.window()},
+                                       checkpoint.ckpt_path(ckdir, done))
                 checkpoint.prune(ckdir, t.keep_checkpoints)
                 if on_save is not None:
                     on_save(done, time.perf_counter() - t0)
@@ -242,26 +269,30 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[
     return final
 
 
-def resume(tr: Trainer, ckdir: Path, main: bool) -> int:
-    """Load the newest valid checkpoint of this config into tr; returns the step to start from (0: none)."""
+def resume(tr: Trainer, ckdir: Path, main: bool) -> tuple[int, tuple[float, int]]:
+    """Load the newest valid checkpoint of this config into tr; returns the step to start from (0: none) and
+    the stats window saved with it (StatsLog)."""
     state, path = checkpoint.load_latest_valid(ckdir)
     if state is None:
-        return 0
+        return 0, (0.0, 0)
     if state["config_hash"] != tr.cfg.hash:
         raise ConfigError(f"{path} was written by config {state['config_hash']}, not {tr.cfg.hash}")
     start = tr.load_state_dict(state)
     if main:
         print(f"cmbench: resuming {ckdir.parent} from {path.name} (step {start})", file=sys.stderr)
-    return start
+    return start, tuple(state.get("stats_window", (0.0, 0)))      # absent in checkpoints of older versions
 
 
 class StatsLog:
     """stats.jsonl: one line per `train.log_every` steps with the mean loss since the last line, the last
-    gradient norm, the loss's own statistics and the time per thousand steps. None: another rank (no file)."""
+    gradient norm, the loss's own statistics and the time per thousand steps. None: another rank (no file).
+    The window (loss sum and steps since the last line) is saved in each checkpoint and restored on resume, so
+    a resumed run writes the same lines as an uninterrupted one even when a checkpoint falls between two."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, window: tuple[float, int] = (0.0, 0)):
         self.path, self.file = path, None
-        self.loss_sum, self.n, self.tick = 0.0, 0, time.perf_counter()
+        self.loss_sum, self.n = window
+        self.timed, self.tick = 0, time.perf_counter()     # steps run by this process since the last line
 
     def __enter__(self):
         self.file = open(self.path if self.path is not None else os.devnull, "a")
@@ -271,13 +302,16 @@ class StatsLog:
         self.file.close()
 
     def add(self, loss: float) -> None:
-        self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+        self.loss_sum, self.n, self.timed = self.loss_sum + loss, self.n + 1, self.timed + 1
+
+    def window(self) -> tuple[float, int]:
+        return self.loss_sum, self.n
 
     def write(self, step: int, grad_norm: float, **extra) -> dict:
         now = time.perf_counter()
         rec = {"step": step, "loss": self.loss_sum / self.n, "grad_norm": grad_norm, **extra,
-               "sec_per_kstep": 1000 * (now - self.tick) / self.n}
+               "sec_per_kstep": 1000 * (now - self.tick) / self.timed}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
-        self.loss_sum, self.n, self.tick = 0.0, 0, now
+        self.loss_sum, self.n, self.timed, self.tick = 0.0, 0, 0, now
         return rec
