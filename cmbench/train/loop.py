@@ -190,7 +190,7 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[
     Idempotent: returns at once when the final file of this config exists. On several ranks (WORLD_SIZE > 1)
     each computes its shard of the global batch, gradients are summed, and only rank 0 writes.
     on_step(k) is called as step k starts (and with k = steps after the last), on_save(k, seconds) after each
-    intermediate checkpoint write: how benchmarks time the loop from outside."""
+    checkpoint write: how benchmarks time the loop from outside."""
     rdir = Path(rdir)
     final = paths.final_weights(rdir)
     if final.exists() and checkpoint.load(final)["config_hash"] == cfg.hash:
@@ -227,7 +227,8 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[
             if done % t.log_every == 0 or done == t.steps:
                 rec = log.write(step, grad_norm, lr=tr.opt.param_groups[0]["lr"], **tr.loss_fn.stats(step))
                 bar.set_postfix(loss=f"{rec['loss']:.3g}")
-            if main and done % t.checkpoint_every == 0 and done < t.steps:
+            # the last step too: final.pt can then be rebuilt without training (Snakemake deletes a re-run job's outputs)
+            if main and (done % t.checkpoint_every == 0 or done == t.steps):
                 t0 = time.perf_counter()
                 checkpoint.save_atomic(tr.state_dict(done), checkpoint.ckpt_path(ckdir, done))
                 checkpoint.prune(ckdir, t.keep_checkpoints)
