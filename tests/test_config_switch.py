@@ -13,7 +13,7 @@ import yaml
 
 from cmbench import checkpoint, paths
 from cmbench.checks import check_run
-from cmbench.config import Experiment, load_run_config, write_run_config
+from cmbench.config import ConfigError, Experiment, load_run_config, write_run_config
 from cmbench.launch import run_stage
 from cmbench.metrics.evaluate import evaluate_run
 from cmbench.train import loop
@@ -24,7 +24,7 @@ TINY = {"train": {"steps": 200, "batch": 32, "checkpoint_every": 100, "log_every
 
 
 def config(**over):
-    """The gauss1d iCT run at toy size (≈1 s of training), with blocks of TINY replaced key by key."""
+    """The gauss1d iCT run at toy size (≈1 s of training), with `over` merged into TINY block by block."""
     merged = {k: {**v, **over.get(k, {})} for k, v in TINY.items()} | {k: v for k, v in over.items() if k not in TINY}
     return check_run(Experiment(REPO / "configs").resolve("toy", "gauss1d", "ict", 0, merged))
 
@@ -108,7 +108,7 @@ def test_config_json_refuses_a_hand_edited_sampling_setting(tmp_path):
     assert saved["hash"] == cfg.hash and load_run_config(rdir) == cfg
     saved["config"]["sample"]["n"] = 9          # outside the training hash, inside the file's own
     paths.config_file(rdir).write_text(json.dumps(saved))
-    with pytest.raises(Exception, match=r"config.json: its config hashes to \w+, not the stored"):
+    with pytest.raises(ConfigError, match=r"config.json: its config hashes to \w+, not the stored"):
         load_run_config(rdir)
 
 
