@@ -19,7 +19,7 @@ os.environ.update(P.launch_env())
 
 
 # Before the first job (not on a dry run): every run's config as planned now goes to RUN/config.json, the one
-# file its stages read (rewritten only where the config changed; the rules' config_hash re-runs those runs).
+# file its stages read (rewritten only where the config changed; the rules' hashes re-run what changed).
 onstart:
     P.write_configs()
 
@@ -101,7 +101,10 @@ if P.fuse:
             FINAL,
             RECORDS,
         params:
-            config_hash=lambda w: P.run(w).hash,   # a changed config re-runs the job
+            # a changed training re-runs the job; changed sampling too, but then it does not train (final.pt is
+            # rebuilt from the last checkpoint); changed evaluation settings change the references (inputs)
+            config_hash=lambda w: P.run(w).hash,
+            sample_hash=P.sample_hash,
             args=P.args,
         threads: lambda w: P.run(w).train.threads
         resources:
@@ -119,7 +122,7 @@ else:
         output:
             FINAL,
         params:
-            config_hash=lambda w: P.run(w).hash,   # a changed config re-runs the job
+            config_hash=lambda w: P.run(w).hash,   # a changed training re-runs the job (sampling does not)
             args=P.args,
         threads: lambda w: P.run(w).train.threads
         resources:
@@ -135,6 +138,7 @@ else:
         output:
             SAMPLES,
         params:
+            sample_hash=P.sample_hash,   # changed sampling settings of this NFE re-run the job
             args=P.args,
         resources:
             cluster_jobs=1,   # a queued job (capped by the slurm profile)
@@ -151,6 +155,7 @@ else:
         output:
             METRICS,
         params:
+            sample_hash=P.sample_hash,   # the samples it reads (changed evaluation settings change the reference)
             args=P.args,
             metric=P.metric_set,
         resources:

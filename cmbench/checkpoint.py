@@ -1,5 +1,7 @@
 """Checkpoint IO, below every stage that reads weights (train, teacher, sample, benchmarks): atomic writes
-(cmbench.io), verified safe loads (CRC-32, weights_only), newest-valid selection, the run dir's lock."""
+(cmbench.io), verified safe loads (CRC-32, weights_only), newest-valid selection, the run dir's lock, setting
+aside (and restoring) the artifacts of another config."""
+import itertools
 import os
 import re
 import sys
@@ -107,14 +109,26 @@ def written_by(rdir: Path) -> str | None:
     return None
 
 
+def present(path: Path) -> bool:
+    """A file, or a folder with something in it (an empty checkpoints folder holds nothing to keep)."""
+    return path.is_file() or path.is_dir() and any(path.iterdir())
+
+
 def set_aside_other_config(rdir: Path, cfg_hash: str) -> None:
     """Checkpoints, stats and final weights of another config are never mixed with this one's nor deleted: they
-    are set aside under names carrying the hash of the config that wrote them."""
-    old = written_by(rdir)
-    if old is None or old == cfg_hash:
-        return
-    for p in (paths.checkpoints_dir(rdir), paths.stats_file(rdir), paths.final_weights(rdir)):
-        if p.exists():
-            aside = p.with_name(f"{p.stem}-{old}{p.suffix}")
+    are set aside under names carrying the hash of the config that wrote them (paths.set_aside), and this config's
+    own, set aside by an earlier switch, move back into place, so switching back retrains nothing. A name already
+    taken (a second copy of one config's artifacts) gets the next number: no sequence of switches can fail.
+    Artifacts no readable checkpoint claims (a run killed before its first one) stay unless they block a return."""
+    owner = written_by(rdir)
+    for p in paths.training_artifacts(rdir):
+        if present(p) and owner != cfg_hash and (owner is not None or present(paths.set_aside(p, cfg_hash))):
+            asides = (paths.set_aside(p, owner or "unclaimed", k) for k in itertools.count(1))
+            aside = next(a for a in asides if not a.exists())
             os.replace(p, aside)
-            print(f"cmbench: config changed ({old} → {cfg_hash}): kept {aside}", file=sys.stderr)
+            print(f"cmbench: config changed ({owner} → {cfg_hash}): kept {aside}", file=sys.stderr)
+    for p in paths.training_artifacts(rdir):
+        aside = paths.set_aside(p, cfg_hash)
+        if present(aside) and not present(p):
+            os.replace(aside, p)      # onto nothing, or onto an empty folder
+            print(f"cmbench: config {cfg_hash} again: restored {p} from {aside.name}", file=sys.stderr)

@@ -367,7 +367,37 @@ class RunConfig(Strict):
 
     @property
     def hash(self) -> str:
+        """The training hash, which checkpoints and final weights carry: every field but sampling, evaluation and
+        RESOURCES, so that a run is retrained (and its old artifacts set aside) only when its training changes."""
+        d = self.to_dict()
+        del d["sample"], d["evaluate"]
+        for key in RESOURCES["train"]:
+            del d["train"][key]
+        return config_hash(d)
+
+    def sample_hash(self, nfe: int) -> str:
+        """What the sample file of one NFE depends on (its npz and metric records carry it): the training hash, this
+        NFE's σ list and the sampling settings but sample.nfe's other entries and RESOURCES."""
+        s = {k: v for k, v in self.sample.model_dump(mode="json").items()
+             if k not in ("nfe", "sigmas", *RESOURCES["sample"])}
+        return config_hash({"train": self.hash, "nfe": nfe, "sigmas": self.sigma_list(nfe), **s})
+
+    @property
+    def content_hash(self) -> str:
+        """The whole config's hash: what RUN/config.json is checked against."""
         return config_hash(self.to_dict())
+
+    def saved(self) -> dict:
+        """RUN/config.json: the whole config with its hashes (training, each NFE's samples, the whole)."""
+        return {"hash": self.hash, "sample_hashes": {str(n): self.sample_hash(n) for n in self.sample.nfe},
+                "content_hash": self.content_hash, "config": self.to_dict()}
+
+
+# how a run is carried out (cores, memory per device, how often it saves and logs), not what it computes: a run
+# resumed or re-planned with other values goes on (bit-identical, or within float round-off for the batch splits;
+# samples and features do not depend on their batch size, DESIGN.md property 5), so no hash covers them
+RESOURCES = {"train": ("batch_per_device", "threads", "checkpoint_every", "keep_checkpoints", "log_every"),
+             "sample": ("batch",)}
 
 
 def config_hash(d: dict) -> str:
@@ -579,19 +609,19 @@ class Experiment:
 
 
 def write_run_config(cfg: RunConfig, rdir: str | Path) -> bool:
-    """Write RUN/config.json (the config and its hash, computed once; atomically), the one address every stage
+    """Write RUN/config.json (the config and its hashes, computed once; atomically), the one address every stage
     reads. An unchanged file is not rewritten, so nothing downstream of it is re-run; returns whether it changed.
     Artifacts of an earlier config are set aside when training starts (cmbench.checkpoint)."""
-    path = paths.config_file(rdir)
+    path, saved = paths.config_file(rdir), cfg.saved()
     try:
-        if json.loads(path.read_text())["hash"] == cfg.hash:
+        if json.loads(path.read_text()) == saved:
             return False
     except FileNotFoundError:
         pass
-    except (ValueError, KeyError, TypeError) as e:     # damaged (torn, truncated, edited): keep it, write anew
+    except ValueError as e:     # damaged (torn, truncated): keep it, write anew
         print(f"cmbench: {path}: damaged ({type(e).__name__}); set aside as {io.set_aside(path).name} and "
               f"rewritten", file=sys.stderr)
-    io.write_text(path, json.dumps({"hash": cfg.hash, "config": cfg.to_dict()}, indent=2))
+    io.write_text(path, json.dumps(saved, indent=2))
     return True
 
 
@@ -606,9 +636,10 @@ def load_run_config(rdir: str | Path) -> RunConfig:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: damaged, not a run config ({type(e).__name__}): re-run snakemake (or cmbench "
                           f"resolve --write) to set it aside and write it anew") from None
-    if cfg.hash != saved.get("hash"):
-        raise ConfigError(f"{path}: its config hashes to {cfg.hash}, not the stored {saved.get('hash')} "
-                          f"(edited by hand, or written by another version of the schema)")
+    if cfg.content_hash != saved.get("content_hash"):
+        raise ConfigError(f"{path}: its config hashes to {cfg.content_hash}, not the stored "
+                          f"{saved.get('content_hash')} (edited by hand, or written by another version of cmbench): "
+                          f"re-run snakemake to write it anew")
     return cfg
 
 

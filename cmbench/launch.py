@@ -152,7 +152,7 @@ def launch(stage: str, rdir: str | Path, nfe: int | None, launcher: str, launch_
     folder, record = jobs / "%j", jobs / f"{job_name(stage, nfe, metric)}.json"
     slurm = _slurm_parameters(launch_cfg, job_kind(stage, cfg)) if launcher == "slurm" else None
     tasks = slurm["tasks_per_node"] if slurm else 1
-    job = _reattach(record, folder, cfg.hash, tasks) if slurm else None
+    job = _reattach(record, folder, cfg.content_hash, tasks) if slurm else None
     if job is not None:
         print(f"cmbench: re-attaching to job {job.job_id} ({record})", file=sys.stderr)
     else:
@@ -161,7 +161,7 @@ def launch(stage: str, rdir: str | Path, nfe: int | None, launcher: str, launch_
         if slurm:
             executor.update_parameters(**slurm)
         job = executor.submit(StageJob(), stage, str(rdir), nfe, metric)
-        io.write_json(record, {"job_id": job.job_id, "launcher": launcher, "config_hash": cfg.hash,
+        io.write_json(record, {"job_id": job.job_id, "launcher": launcher, "config_hash": cfg.content_hash,
                                "submitted": time.time()}, indent=None)
         print(f"cmbench: submitted job {job.job_id} ({record})", file=sys.stderr)
     if launcher == "slurm":

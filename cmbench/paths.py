@@ -37,6 +37,19 @@ def final_weights(rdir: Path) -> Path:
     return Path(rdir) / "final.pt"
 
 
+def training_artifacts(rdir: Path) -> list[Path]:
+    """What a run's training writes and carries its training hash (RunConfig.hash): set aside as a whole when
+    another config trains in the run dir (cmbench.checkpoint.set_aside_other_config)."""
+    return [checkpoints_dir(rdir), stats_file(rdir), final_weights(rdir)]
+
+
+def set_aside(path: Path, cfg_hash: str, copy: int = 1) -> Path:
+    """Where a training artifact of config cfg_hash waits while another config trains: checkpoints-<hash>/,
+    stats-<hash>.jsonl, final-<hash>.pt; copy > 1 numbers further copies of the same config's."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-{cfg_hash}{'' if copy == 1 else f'-{copy}'}{path.suffix}")
+
+
 def jobs_dir(rdir: Path) -> Path:
     """submitit's job folders and one record per launched stage (job id, config hash): what a restart re-attaches to."""
     return Path(rdir) / "jobs"

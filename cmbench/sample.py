@@ -96,8 +96,9 @@ def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, sh
                                    smp.clip_denoised, y)
         parts.append(to_uint8(x) if image else x)
     consistency = smp.sampler == "consistency"
-    meta = {"config_hash": cfg.hash, "checkpoint_sha256": io.file_sha256(paths.final_weights(rdir))[:16],
-            "weights": "ema", "nfe": nfe, "sigmas": sigmas, "sigma_min": cfg.precond.sigma_min,
+    meta = {"config_hash": cfg.hash, "sample_hash": cfg.sample_hash(nfe),
+            "checkpoint_sha256": io.file_sha256(paths.final_weights(rdir))[:16], "weights": "ema", "nfe": nfe,
+            "sigmas": sigmas, "sigma_min": cfg.precond.sigma_min,
             "sampler": smp.sampler, "renoise": smp.renoise if consistency else None,
             "clip_denoised": smp.clip_denoised if consistency else None, "conditional": cfg.dataset.conditional}
     arrays = {"seeds": seeds, "sigmas": np.array(sigmas), "meta": json.dumps(meta)}

@@ -149,6 +149,12 @@ class Plan:
         laptop and the cluster must not re-run finished work (Snakemake re-runs a job whose params change)."""
         return {"CMBENCH_LAUNCHER": self.launcher, "CMBENCH_LAUNCH_CONFIG": self.launch_config}
 
+    def sample_hash(self, w) -> str:
+        """The sampling settings a job's samples depend on (RunConfig.sample_hash): its NFE's (sample, evaluate),
+        or every NFE's (the fused run, where a new or changed NFE re-runs the job)."""
+        cfg = self.run(w)
+        return " ".join(cfg.sample_hash(n) for n in ([int(w.nfe)] if hasattr(w, "nfe") else cfg.sample.nfe))
+
     def metric_set(self, w) -> str:
         """The metric set named by a file-name wildcard (cmbench.paths.slug)."""
         return {paths.slug(m): m for m in self.run(w).metric_sets()}[w.metric]

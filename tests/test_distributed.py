@@ -64,4 +64,4 @@ def assert_same_run(single, double):
     wa, wb = checkpoint.load(paths.final_weights(single)), checkpoint.load(paths.final_weights(double))
     for name in wa["ema"]:
         assert torch.allclose(wa["ema"][name], wb["ema"][name], atol=1e-5), name
-    assert sorted(p.name for p in (double / "checkpoints").iterdir()) == ["ckpt-000000100.pt", "ckpt-000000200.pt"]
+    assert sorted(p.name for p in (double / "checkpoints").iterdir()) == ["ckpt-000000200.pt", "ckpt-000000300.pt"]

@@ -142,6 +142,9 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "d
         build_reference(cfg, nfe, ref_file, metric_set)
     smp = np.load(samples)
     meta = json.loads(str(smp["meta"]))
+    if meta.get("sample_hash") != cfg.sample_hash(nfe):
+        raise ValueError(f"{samples}: made with sampling settings {meta.get('sample_hash')}, not the run's "
+                         f"{cfg.sample_hash(nfe)} (its config.json); re-sample it")
     if not np.array_equal(smp["seeds"], sample_seeds(cfg)):
         raise ValueError(f"{samples}: its seeds differ from the run's sample.seed_start / sample.n; re-sample it")
     if metric_set != "data":
@@ -156,7 +159,8 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "d
         values, ideal, fields = (_pixel_values(cfg, smp, ref) if is_image(cfg)
                                  else _toy_values(cfg, nfe, smp, ref, ref_file))
         fields["backend_version"] = version("cmbench")
-    base = {**cfg.run.model_dump(), "config_hash": cfg.hash, "checkpoint_sha256": meta["checkpoint_sha256"],
+    base = {**cfg.run.model_dump(), "config_hash": cfg.hash, "sample_hash": meta["sample_hash"],
+            "checkpoint_sha256": meta["checkpoint_sha256"],
             "weights": meta["weights"], "nfe": nfe, "sigmas": meta["sigmas"], "sigma_min": meta["sigma_min"],
             "sampler": meta["sampler"], "renoise": meta["renoise"], "clip_denoised": meta.get("clip_denoised"),
             "sample_seed_start": int(smp["seeds"][0]),

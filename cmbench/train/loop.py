@@ -195,7 +195,7 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[
     Idempotent: returns at once when the final file of this config exists. On several ranks (WORLD_SIZE > 1)
     each computes its shard of the global batch, gradients are summed, and only rank 0 writes.
     on_step(k) is called as step k starts (and with k = steps after the last), on_save(k, seconds) after each
-    intermediate checkpoint write: how benchmarks time the loop from outside.
+    checkpoint write: how benchmarks time the loop from outside.
     Rank 0 holds the run dir's lock throughout (checkpoint.run_lock): a second trainer, or a sampler, of the
     same run dir stops with one line instead of interleaving with this one."""
     rdir = Path(rdir)
@@ -253,7 +253,8 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
             if done % t.log_every == 0 or done == t.steps:
                 rec = log.write(step, grad_norm, lr=tr.opt.param_groups[0]["lr"], **tr.loss_fn.stats(step))
                 bar.set_postfix(loss=f"{rec['loss']:.3g}")
-            if main and done % t.checkpoint_every == 0 and done < t.steps:
+            # the last step too: final.pt can then be rebuilt without training (Snakemake deletes a re-run job's outputs)
+            if main and (done % t.checkpoint_every == 0 or done == t.steps):
                 t0 = time.perf_counter()
                 checkpoint.save_atomic({**tr.state_dict(done), "stats_window": log.window()},
                                        checkpoint.ckpt_path(ckdir, done))
