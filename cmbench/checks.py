@@ -3,7 +3,7 @@ the workflow is planned, before any job, beside the schema's own checks (cmbench
 import torch
 
 from cmbench import losses
-from cmbench.config import ConfigError, ImageData, RunConfig
+from cmbench.config import ConfigError, Experiment, ImageData, RunConfig
 from cmbench.nets import build_model
 
 
@@ -16,6 +16,22 @@ def check_run(cfg: RunConfig, data: bool = True) -> RunConfig:
         from cmbench.data.images import check_image_data
         check_image_data(cfg.dataset)     # the files exist and have a known layout (not loaded)
     return cfg.model_copy(update={"loss": params.model_dump(mode="json")})
+
+
+def resolve_run(exp: Experiment, suite: str, dataset: str, variant: str, seed: int, overrides: dict | None = None,
+                scale: str | None = None, as_teacher: bool = False) -> RunConfig:
+    """A run's checked config. A student of a trained teacher carries the teacher's training hash (teacher.hash),
+    so that the student's own hash changes, and it retrains, whenever its teacher's training does."""
+    cfg = check_run(exp.resolve(suite, dataset, variant, seed, overrides, scale))
+    if cfg.teacher is None or cfg.teacher.source != "run":
+        return cfg
+    where = f"config {suite}/{dataset}/{variant}"
+    if as_teacher:
+        raise ConfigError(f"{where}: a teacher run cannot itself distil a trained run")
+    if cfg.teacher.hash is not None:
+        raise ConfigError(f"{where}: teacher.hash is filled in by cmbench (the teacher run's training hash): remove it")
+    t = resolve_run(exp, suite, dataset, cfg.teacher.variant, seed, overrides, scale, as_teacher=True)
+    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"hash": t.hash})})
 
 
 def check_init(student: RunConfig, teacher: RunConfig) -> None:

@@ -25,11 +25,11 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_resolve(a):
-    from cmbench.checks import check_run
+    from cmbench.checks import resolve_run
     from cmbench.config import Experiment, parse_overrides, write_run_config
     exp = Experiment(a.configs)
     exp.suite(a.suite)         # a suite of experiment.yaml (its name becomes part of the run dir)
-    cfg = check_run(exp.resolve(a.suite, a.dataset, a.variant, a.seed, parse_overrides(a.set), a.scale))
+    cfg = resolve_run(exp, a.suite, a.dataset, a.variant, a.seed, parse_overrides(a.set), a.scale)
     if a.write is not None:
         from cmbench import paths
         rdir = paths.run_dir(a.write, cfg.run)

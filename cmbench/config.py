@@ -254,6 +254,9 @@ class Teacher(Strict):
     source: Literal["analytic", "run"]
     variant: str | None = None          # source 'run': the teacher's variant (same suite, dataset and seed)
     init_student: bool = False          # start the student from the teacher's EMA weights (CD: papers.md §2.2)
+    # source 'run': the teacher run's training hash, filled in by checks.resolve_run (never set by hand), so that the
+    # student's own training hash changes, and the student retrains, whenever its teacher's training does
+    hash: str | None = None
 
     @model_validator(mode="after")
     def _source(self):
@@ -261,8 +264,8 @@ class Teacher(Strict):
             if self.variant is None:
                 raise ValueError("teacher.source 'run' needs teacher.variant (e.g. edm)")
             check_name("teacher variant", self.variant)
-        elif self.variant is not None or self.init_student:
-            raise ValueError("teacher.source 'analytic' takes neither teacher.variant nor teacher.init_student")
+        elif self.variant is not None or self.init_student or self.hash is not None:
+            raise ValueError("teacher.source 'analytic' takes no teacher.variant, init_student or hash")
         return self
 
 

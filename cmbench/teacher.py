@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from cmbench import checkpoint, paths
-from cmbench.config import RunConfig, load_run_config
+from cmbench.config import ConfigError, RunConfig, load_run_config
 from cmbench.data.toy import make_toy
 from cmbench.nets import build_model
 
@@ -28,7 +28,8 @@ class NetworkTeacher:
 
     def __init__(self, rdir: Path, device: torch.device | str = "cpu"):
         self.cfg = load_run_config(rdir)
-        self.state = checkpoint.load_final(rdir)["ema"]
+        final = checkpoint.load_final(rdir)
+        self.state, self.trained_by = final["ema"], final["config_hash"]
         self.model = build_model(self.cfg).requires_grad_(False).eval()
         self.model.load_state_dict(self.state)
         self.model.to(device)
@@ -46,4 +47,8 @@ def build_teacher(cfg: RunConfig, rdir: Path, device: torch.device | str = "cpu"
     tdir = paths.sibling_run(rdir, cfg.teacher.variant)
     if not paths.final_weights(tdir).exists():
         raise FileNotFoundError(f"teacher run {tdir} has no final.pt: train the '{cfg.teacher.variant}' run first")
-    return NetworkTeacher(tdir, device)
+    teacher = NetworkTeacher(tdir, device)
+    if cfg.teacher.hash is not None and teacher.trained_by != cfg.teacher.hash:
+        raise ConfigError(f"teacher run {tdir} holds weights of training config {teacher.trained_by}, but this run was "
+                         f"planned against {cfg.teacher.hash}: re-run snakemake (it retrains the teacher first)")
+    return teacher

@@ -6,7 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from cmbench import paths
-from cmbench.checks import check_init, check_run
+from cmbench.checks import check_init, resolve_run
 from cmbench.config import (LAUNCHERS, ConfigError, Experiment, LaunchConfig, RunConfig, check_name,
                             load_launch_config, parse_overrides, write_run_config)
 
@@ -57,14 +57,12 @@ class Plan:
         for dataset in s["datasets"]:
             for variant in s["variants"]:
                 for seed in s["seeds"]:
-                    cfg = check_run(exp.resolve(suite, dataset, variant, seed, parsed, scale))
+                    cfg = resolve_run(exp, suite, dataset, variant, seed, parsed, scale)
                     runs[str(paths.run_dir(results, cfg.run))] = cfg
         for cfg in runs.values():     # a trained teacher is trained (not evaluated) even outside the suite
             if cfg.teacher is not None and cfg.teacher.source == "run":
-                t = check_run(exp.resolve(suite, cfg.run.dataset, cfg.teacher.variant, cfg.run.seed, parsed, scale))
-                if t.teacher is not None and t.teacher.source == "run":
-                    raise ConfigError(f"config {suite}/{cfg.run.dataset}/{t.run.variant}: a teacher run cannot "
-                                      f"itself distil a trained run")
+                t = resolve_run(exp, suite, cfg.run.dataset, cfg.teacher.variant, cfg.run.seed, parsed, scale,
+                                as_teacher=True)
                 if cfg.teacher.init_student:
                     check_init(cfg, t)
                 teachers[str(paths.run_dir(results, t.run))] = t

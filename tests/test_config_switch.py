@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cmbench import checkpoint, paths
-from cmbench.checks import check_run
+from cmbench.checks import check_run, resolve_run
 from cmbench.config import ConfigError, Experiment, load_run_config, write_run_config
 from cmbench.launch import run_stage
 from cmbench.metrics.evaluate import evaluate_run
@@ -191,3 +191,31 @@ def test_changing_sample_n_in_the_workflow_reruns_sampling_and_evaluation_only(t
     assert "train" not in jobs and jobs["sample"] == jobs["evaluate"] == jobs["collect"] == 1, jobs
     assert (final.stat().st_mtime_ns, final.read_bytes(), stats.read_bytes()) == before
     assert {r["n_gen"] for r in json.loads(paths.records_file(rdir).read_text())} == {500}
+
+
+def test_a_student_retrains_when_its_teacher_does(tmp_path):
+    """ECT distils a trained EDM run: the EDM run's training hash is part of ECT's, so a changed teacher config
+    changes the student's hash (and Snakemake retrains it); weights of another teacher config are refused."""
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    tiny = {"train": {"steps": 20, "batch": 16, "checkpoint_every": 20, "log_every": 10}}
+
+    def resolve(variant):
+        return resolve_run(Experiment(configs), "toy", "gauss1d", variant, 0, tiny)
+    student, teacher = resolve("ect"), resolve("edm")
+    assert student.teacher.hash == teacher.hash
+    edm = configs / "variants" / "edm.yaml"
+    edm.write_text(edm.read_text().replace("train: {steps: 6000}", "train: {steps: 6000, ema_decay: 0.99}", 1))
+    student2, teacher2 = resolve("ect"), resolve("edm")
+    assert teacher2.hash != teacher.hash and student2.teacher.hash == teacher2.hash and student2.hash != student.hash
+    with pytest.raises(ConfigError, match="teacher.hash is filled in by cmbench"):
+        resolve_run(Experiment(configs), "toy", "gauss1d", "ect", 0, {**tiny, "teacher": {"hash": "0" * 16}})
+
+    from cmbench.teacher import build_teacher
+    results = tmp_path / "results"
+    tdir, sdir = paths.run_dir(results, teacher.run), paths.run_dir(results, student.run)
+    write_run_config(teacher, tdir)
+    train(teacher, tdir)                                      # the teacher of the first config
+    assert build_teacher(student, sdir).trained_by == teacher.hash
+    with pytest.raises(ConfigError, match=f"planned against {teacher2.hash}: re-run snakemake"):
+        build_teacher(student2, sdir)

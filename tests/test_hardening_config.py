@@ -14,7 +14,7 @@ from cmbench import cli
 from cmbench.checks import check_run
 from cmbench.config import ConfigError, Experiment, parse_overrides
 from cmbench.workflow import Plan
-from conftest import REPO, edit_yaml
+from conftest import REPO
 
 
 def one_line_error(fn, *match) -> str:
