@@ -137,12 +137,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     from cmbench.config import ConfigError
-    from cmbench.errors import JobFailed, MissingWeights, TrainingDiverged
+    from cmbench.errors import DamagedFile, JobFailed, MissingWeights, TrainingDiverged, UnverifiedWeights
 
     a = parser().parse_args(argv)
     try:
         a.func(a)
-    except (ConfigError, TrainingDiverged, JobFailed, MissingWeights) as e:
+    except (ConfigError, TrainingDiverged, JobFailed, MissingWeights, UnverifiedWeights, DamagedFile) as e:
         sys.exit(f"cmbench: error: {e}")
 
 

@@ -12,3 +12,13 @@ class JobFailed(RuntimeError):
 class MissingWeights(FileNotFoundError):
     """A weights file (Inception for FID) is not where it is expected; nothing is downloaded. The message is one
     line: the path, where the file comes from, and the variable that points to its directory."""
+
+
+class UnverifiedWeights(ValueError):
+    """A weights file whose SHA-256 is not the official file's: refused before it is loaded (loading a pickle or a
+    TorchScript file can run code), unless the user opts in with CMBENCH_UNVERIFIED_WEIGHTS=1."""
+
+
+class DamagedFile(ValueError):
+    """A sample, reference or records file that cannot be read or does not match its run: the message is one line
+    naming the file, what is wrong and the fix."""
