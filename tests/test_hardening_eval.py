@@ -171,6 +171,8 @@ def test_an_intact_sample_file_gives_finite_records(run):
     rdir, results = run
     records = read_records(evaluate_run(rdir, 2, results))
     assert records and all(np.isfinite(r["value"]) for r in records) and {r["nfe"] for r in records} == {2}
+    evaluate_run(rdir, 1, results)
+    assert len(read_records(evaluate.collect_records(rdir))) == 2 * len(records)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -11,12 +11,15 @@ Backends, each named by a spec string:
 (inception-2015-12-05.pt, loaded with InceptionV3W(download=False)); "torch-fidelity" is torch-fidelity's network
 and weights file, wrapped as clean-fid's custom feature extractor (clean-fid still does its own per-mode
 preprocessing), so that both libraries can be compared on identical weights. torch-fidelity always runs its own
-network. Every record says which network and weights file (with its sha256 prefix) were used.
+network. Every record says which network and weights file (with its sha256 prefix) were used, and whether the file
+is the official one (`weights_verified`).
 
 Weights come from the directory in $CMBENCH_WEIGHTS (default: weights/ relative to the working directory) and are
 never downloaded: a missing file raises MissingWeights with the path, the URL the library would fetch it from, and
-the variable to set. For a dry run without the real weights, `write_random_inception` writes a He-initialised
-torch-fidelity InceptionV3 (real architecture and keys); FID values from it mean nothing beyond the tests.
+the variable to set. A file whose SHA-256 is not the official one raises UnverifiedWeights before it is loaded,
+unless CMBENCH_UNVERIFIED_WEIGHTS=1. For a dry run without the real weights, `write_random_inception` writes a
+He-initialised torch-fidelity InceptionV3 (real architecture and keys; it needs that opt-in); FID values from it
+mean nothing beyond the tests.
 
 Statistics and the Fréchet distance are each library's own: torch-fidelity's fid_features_to_statistics and
 fid_statistics_to_metric, clean-fid's fid_from_feats formula and frechet_distance. With the same network,
@@ -455,7 +458,8 @@ def fid_npz(npz_path: str | Path, reference_file: str | Path, spec: str, *, devi
             "mode": b.mode, "network": b.network,
             "feature_extractor": f"{b.network} InceptionV3 {'pool3' if dims == DIMS else FEATURE_LAYERS[dims] + ' pooled'} "
                                  f"({dims}-d), weights {w.name} sha256:{sha[:12]}", "fid_dims": dims,
-            "weights_file": w.name, "weights_sha256": sha[:12], "weights_verified": verify_weights(w), "n_gen": len(f), "n_ref": ref["n"],
+            "weights_file": w.name, "weights_sha256": sha[:12], "weights_verified": verify_weights(w),
+            "n_gen": len(f), "n_ref": ref["n"],
             "reference_key": ref["key"], "wall_s": time.perf_counter() - t0}
 
 
@@ -463,5 +467,6 @@ if __name__ == "__main__":
     import sys
     if len(sys.argv) != 3 or sys.argv[1] != "random-inception":
         sys.exit(f"usage: python -m cmbench.metrics.fid random-inception DIR   (writes DIR/{TF_WEIGHTS}: a "
-                 f"He-initialised torch-fidelity InceptionV3 for offline dry and smoke runs; its FIDs mean nothing)")
+                 f"He-initialised torch-fidelity InceptionV3 for offline dry and smoke runs, used with "
+                 f"{UNVERIFIED_ENV}=1; its FIDs mean nothing)")
     print(write_random_inception(Path(sys.argv[2]) / TF_WEIGHTS))
