@@ -8,12 +8,13 @@ import sys
 
 from cmbench import paths
 from cmbench.config import ConfigError
-from cmbench.errors import MissingWeights
+from cmbench.errors import MissingWeights, UnverifiedWeights
 from cmbench.workflow import Plan
 
 try:
     P = Plan.from_snakemake(config)
-except (ConfigError, MissingWeights) as e:   # before any job: a bad config, or FID without its weights
+except (ConfigError, MissingWeights, UnverifiedWeights) as e:   # before any job: a bad config, or FID without its
+    # official weights
     sys.exit(f"cmbench: config error: {e}")
 os.environ.update(P.launch_env())
 

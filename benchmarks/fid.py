@@ -15,19 +15,20 @@ from benchmarks.common import TARGETS, interleave, median, resolve
 
 @contextmanager
 def _random_inception(folder: Path):
-    """Point cmbench at a He-initialised InceptionV3 written under `folder` (its weights env var, restored on
-    exit); yields the weights file."""
+    """Point cmbench at a He-initialised InceptionV3 written under `folder` (its weights env var and the opt-in to
+    unverified weights, restored on exit); yields the weights file."""
     from cmbench.metrics import fid
     weights = fid.write_random_inception(folder / fid.TF_WEIGHTS)
-    old_env = os.environ.get(fid.WEIGHTS_ENV)
-    os.environ[fid.WEIGHTS_ENV] = str(weights.parent)
+    old_env = {k: os.environ.get(k) for k in (fid.WEIGHTS_ENV, fid.UNVERIFIED_ENV)}
+    os.environ.update({fid.WEIGHTS_ENV: str(weights.parent), fid.UNVERIFIED_ENV: "1"})  # random weights: opt in
     try:
         yield weights
     finally:
-        if old_env is None:
-            os.environ.pop(fid.WEIGHTS_ENV, None)
-        else:
-            os.environ[fid.WEIGHTS_ENV] = old_env
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _sampled_run(n: int, configs, results: Path):

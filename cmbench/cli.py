@@ -140,12 +140,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     from cmbench.config import ConfigError
-    from cmbench.errors import DamagedFile, JobFailed, MissingWeights, RunDirInUse, TrainingDiverged
+    from cmbench.errors import (DamagedFile, JobFailed, MissingWeights, RunDirInUse, TrainingDiverged,
+                                UnverifiedWeights)
 
     a = parser().parse_args(argv)
     try:
         a.func(a)
-    except (ConfigError, TrainingDiverged, JobFailed, MissingWeights, DamagedFile, RunDirInUse) as e:
+    except (ConfigError, TrainingDiverged, JobFailed, MissingWeights, UnverifiedWeights, DamagedFile,
+            RunDirInUse) as e:
         sys.exit(f"cmbench: error: {e}")
 
 

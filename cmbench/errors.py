@@ -14,9 +14,14 @@ class MissingWeights(FileNotFoundError):
     line: the path, where the file comes from, and the variable that points to its directory."""
 
 
+class UnverifiedWeights(ValueError):
+    """A weights file whose SHA-256 is not the official file's: refused before it is loaded (loading a pickle or a
+    TorchScript file can run code), unless the user opts in with CMBENCH_UNVERIFIED_WEIGHTS=1."""
+
+
 class DamagedFile(ValueError):
-    """A file that fails its integrity check or does not parse (a flipped bit, a torn write); the message is one
-    line naming the file and what became of it."""
+    """A file that fails its integrity check, does not parse (a flipped bit, a torn write) or does not match its run
+    (samples, references, records): the message is one line naming the file, what is wrong and the fix."""
 
 
 class RunDirInUse(RuntimeError):

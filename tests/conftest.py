@@ -7,6 +7,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def unverified_weights():
+    """The offline tests run FID on a He-initialised Inception (cmbench.metrics.fid.write_random_inception), never
+    on the official weights: they opt in to unverified weights, as a user must (tests that check the refusal unset
+    it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CMBENCH_UNVERIFIED_WEIGHTS", "1")
+        yield
+
+
 @pytest.fixture
 def configs(tmp_path) -> Path:
     """A private copy of the repo's configs/ to edit."""

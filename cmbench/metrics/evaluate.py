@@ -15,9 +15,11 @@ import numpy as np
 from cmbench import io, paths
 from cmbench.config import ImageData, RunConfig, config_hash, load_run_config
 from cmbench.data.toy import Gaussian, GaussianMixture, make_toy
+from cmbench.errors import DamagedFile
 from cmbench.metrics import toy
+from cmbench.metrics.files import RESAMPLE, json_field, read_npz, read_records, set_aside, write_records
 from cmbench.metrics.keys import FD, FID, MODE_COVERAGE_MIN, NEAR_MODE, ODE_ERROR, SLICED_W2, W2
-from cmbench.seeds import initial_noise, sample_seeds
+from cmbench.seeds import initial_noise, sample_seeds, seed_labels
 
 BACKEND = {"toy": "cmbench-toy", "image": "cmbench-pixels"}
 
@@ -103,13 +105,80 @@ def collect_records(rdir: Path) -> Path:
     """One file with the records of every NFE and metric set of a run (written atomically)."""
     cfg = load_run_config(rdir)
     records = [r for n in cfg.sample.nfe for m in cfg.metric_sets()
-               for r in json.loads(paths.metrics_file(rdir, n, m).read_text())]
-    return io.write_json(paths.records_file(rdir), records)
+               for r in read_records(paths.metrics_file(rdir, n, m))]
+    return write_records(paths.records_file(rdir), records)
+
+
+# what each kind of cached reference must hold
+REFERENCE_KEYS = {"toy": ("x_t", "exact", "fresh", "ideal", "key"), "image": ("mean", "cov", "n", "ideal", "key"),
+                  "fid": ("mu", "sigma", "n", "key", "fields")}
+
+
+def load_reference(cfg: RunConfig, nfe: int, ref_file: Path, metric_set: str) -> dict:
+    """The cached reference, built on a miss; a cached file that is unreadable, holds non-finite values or was
+    made for another key is set aside (one line on stderr) and rebuilt, instead of failing every evaluation."""
+    keys = REFERENCE_KEYS["fid" if metric_set != "data" else "image" if is_image(cfg) else "toy"]
+    if ref_file.exists():
+        try:
+            ref = read_npz(ref_file, keys, fix="delete it (it is rebuilt)")
+            if str(ref["key"]) == reference_key(cfg, nfe, metric_set):
+                return ref
+            set_aside(ref_file, f"made for key {str(ref['key'])[:16]}, not this one")
+        except DamagedFile as e:
+            set_aside(ref_file, str(e).split(": ", 1)[1])
+    build_reference(cfg, nfe, ref_file, metric_set)
+    return read_npz(ref_file, keys)
+
+
+META_KEYS = {"nfe", "sigmas", "sigma_min", "sampler", "renoise", "weights", "checkpoint_sha256", "sample_hash"}
+
+
+def check_samples(path: Path, smp: dict, cfg: RunConfig, nfe: int, rdir: Path) -> dict:
+    """The sample file's `meta`, once the file is shown to be this run's samples at this NFE: its NFE, σ list,
+    sampler, seeds, labels and array shapes match the run config and its checkpoint hash matches the run's
+    final.pt. Anything else is DamagedFile naming the file and the fix (read_npz already refused NaN and inf)."""
+    def bad(what):
+        raise DamagedFile(f"{path}: {what}; {RESAMPLE}")
+    meta = json_field(path, smp, "meta")
+    if not isinstance(meta, dict) or not META_KEYS <= meta.keys():
+        bad(f"damaged, its meta lacks one of {', '.join(sorted(META_KEYS))}")
+    if meta["nfe"] != nfe:
+        bad(f"made at NFE {meta['nfe']}, not {nfe}")
+    if meta["sample_hash"] != cfg.sample_hash(nfe):
+        bad(f"made with sampling settings {meta['sample_hash']}, not the run's {cfg.sample_hash(nfe)}")
+    sigmas = cfg.sigma_list(nfe)
+    if meta["sigmas"] != sigmas or smp["sigmas"].tolist() != sigmas:
+        bad(f"its σ list is not the run's {sigmas}")
+    if meta["sampler"] != cfg.sample.sampler:
+        bad(f"made with the {meta['sampler']} sampler, not {cfg.sample.sampler}")
+    seeds, n = sample_seeds(cfg), cfg.sample.n
+    if smp["seeds"].shape != seeds.shape or not np.array_equal(smp["seeds"], seeds):
+        bad("its seeds differ from the run's sample.seed_start / sample.n")
+    if cfg.dataset.conditional and ("labels" not in smp or not np.array_equal(
+            smp["labels"], seed_labels(seeds, cfg.dataset.num_classes))):
+        bad("its class labels are not the run's")
+    shape = cfg.dataset.shape
+    if is_image(cfg):
+        want = {"images": ((n, *shape[1:], shape[0]), np.uint8)}
+    else:
+        want = {"samples": ((n, *shape), None), "x_t": ((n, *shape), None)}
+    for k, (shp, dtype) in want.items():
+        if k not in smp or smp[k].shape != shp or (dtype and smp[k].dtype != dtype):
+            got = f"{smp[k].shape} {smp[k].dtype}" if k in smp else "nothing"
+            bad(f"its {k} are {got}, not {shp}{f' {np.dtype(dtype)}' if dtype else ''}")
+    if not is_image(cfg) and not np.array_equal(smp["x_t"], initial_noise(cfg, nfe)):
+        bad("its initial noise x_t is not the run's")
+    final = paths.final_weights(rdir)
+    if not final.is_file():
+        raise DamagedFile(f"{path}: the run has no {final.name} to check it against; re-run snakemake")
+    if meta["checkpoint_sha256"] != io.file_sha256(final)[:16]:   # the prefix cmbench.sample writes
+        bad(f"made from checkpoint {str(meta['checkpoint_sha256'])[:16]}, not the run's {final.name}")
+    return meta
 
 
 def _toy_values(cfg: RunConfig, nfe: int, smp, ref, ref_file: Path) -> tuple[dict, dict, dict]:
     if not np.array_equal(smp["x_t"], ref["x_t"]):
-        raise ValueError(f"initial noise differs from the reference {ref_file}; re-sample the run")
+        raise DamagedFile(f"{ref_file}: its initial noise differs from the run's samples; delete it (it is rebuilt)")
     dist, x = make_toy(cfg.dataset.model_dump()), smp["samples"].astype(np.float64)
     values = distribution_metrics(x, dist, ref["fresh"], cfg)
     values[ODE_ERROR] = toy.ode_error(x, ref["exact"])
@@ -137,25 +206,19 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "d
     if metric_set not in cfg.metric_sets():
         raise ValueError(f"{rdir}: metric set {metric_set!r} is not one of {cfg.metric_sets()}")
     samples = paths.samples_file(rdir, nfe)
+    smp = read_npz(samples, ("seeds", "sigmas", "meta"))
+    meta = check_samples(samples, smp, cfg, nfe, rdir)
     ref_file = reference_path(cfg, nfe, results, metric_set)
-    if not ref_file.exists():
-        build_reference(cfg, nfe, ref_file, metric_set)
-    smp = np.load(samples)
-    meta = json.loads(str(smp["meta"]))
-    if meta.get("sample_hash") != cfg.sample_hash(nfe):
-        raise ValueError(f"{samples}: made with sampling settings {meta.get('sample_hash')}, not the run's "
-                         f"{cfg.sample_hash(nfe)} (its config.json); re-sample it")
-    if not np.array_equal(smp["seeds"], sample_seeds(cfg)):
-        raise ValueError(f"{samples}: its seeds differ from the run's sample.seed_start / sample.n; re-sample it")
+    ref = load_reference(cfg, nfe, ref_file, metric_set)
     if metric_set != "data":
         from cmbench.metrics import fid
         r = fid.fid_npz(samples, ref_file, metric_set, device=_device(), network=cfg.evaluate.cleanfid_network,
                         dims=cfg.evaluate.fid_dims,
                         batch_size=cfg.evaluate.batch)
         values, ideal = {FID: r.pop("value")}, {}
-        fields = {k: r[k] for k in ("backend", "backend_version", "mode", "feature_extractor", "fid_dims", "n_ref")}
+        fields = {k: r[k] for k in ("backend", "backend_version", "mode", "feature_extractor", "fid_dims", "n_ref",
+                                    "weights_verified")}
     else:
-        ref = np.load(ref_file)
         values, ideal, fields = (_pixel_values(cfg, smp, ref) if is_image(cfg)
                                  else _toy_values(cfg, nfe, smp, ref, ref_file))
         fields["backend_version"] = version("cmbench")
@@ -169,4 +232,4 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "d
             "wall_time_s": round(time.perf_counter() - t0, 3)}
     records = [{**base, "metric": name, "value": float(v), "ideal": ideal.get(name)}
                for name, v in sorted(values.items())]
-    return io.write_json(paths.metrics_file(rdir, nfe, metric_set), records)
+    return write_records(paths.metrics_file(rdir, nfe, metric_set), records)

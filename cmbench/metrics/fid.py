@@ -11,12 +11,15 @@ Backends, each named by a spec string:
 (inception-2015-12-05.pt, loaded with InceptionV3W(download=False)); "torch-fidelity" is torch-fidelity's network
 and weights file, wrapped as clean-fid's custom feature extractor (clean-fid still does its own per-mode
 preprocessing), so that both libraries can be compared on identical weights. torch-fidelity always runs its own
-network. Every record says which network and weights file (with its sha256 prefix) were used.
+network. Every record says which network and weights file (with its sha256 prefix) were used, and whether the file
+is the official one (`weights_verified`).
 
 Weights come from the directory in $CMBENCH_WEIGHTS (default: weights/ relative to the working directory) and are
 never downloaded: a missing file raises MissingWeights with the path, the URL the library would fetch it from, and
-the variable to set. For a dry run without the real weights, `write_random_inception` writes a He-initialised
-torch-fidelity InceptionV3 (real architecture and keys); FID values from it mean nothing beyond the tests.
+the variable to set. A file whose SHA-256 is not the official one raises UnverifiedWeights before it is loaded,
+unless CMBENCH_UNVERIFIED_WEIGHTS=1. For a dry run without the real weights, `write_random_inception` writes a
+He-initialised torch-fidelity InceptionV3 (real architecture and keys; it needs that opt-in); FID values from it
+mean nothing beyond the tests.
 
 Statistics and the Fréchet distance are each library's own: torch-fidelity's fid_features_to_statistics and
 fid_statistics_to_metric, clean-fid's fid_from_feats formula and frechet_distance. With the same network,
@@ -43,7 +46,8 @@ from cmbench import io
 from cmbench.config import config_hash
 from cmbench.io import file_sha256
 from cmbench.metrics.keys import FID, FID_SPECS
-from cmbench.errors import MissingWeights
+from cmbench.errors import DamagedFile, MissingWeights, UnverifiedWeights
+from cmbench.metrics.files import read_npz, set_aside
 
 SPECS = FID_SPECS
 NETWORKS = ("own", "torch-fidelity")
@@ -54,6 +58,14 @@ DEFAULT_WEIGHTS_DIR = "weights"
 TF_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 TF_WEIGHTS_ALIASES = ("weights-inception-2015-12-05-6726825d.pth",)
 CF_WEIGHTS = "inception-2015-12-05.pt"  # clean-fid's TorchScript file (the name InceptionV3W loads)
+# Official SHA-256 of each weights file, compared before any load (torch-fidelity unpickles its file with
+# weights_only=False and clean-fid's is TorchScript: loading either can run code). torch-fidelity's file (also served
+# as pytorch-fid's pt_inception-…, the same bytes): its name carries the first 8 hex digits of its SHA-256
+# (torch.hub's convention); the full value is the one independent users of the file publish beside it (95,628,359
+# bytes) and it starts with those 8 digits. clean-fid's file: no published SHA-256 was found, so cmbench cannot
+# verify it and accepts it only with the opt-in below.
+OFFICIAL_SHA256 = {TF_WEIGHTS: "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2", CF_WEIGHTS: None}
+UNVERIFIED_ENV = "CMBENCH_UNVERIFIED_WEIGHTS"   # "1": accept other weights (tests, dry runs); records say so
 TF_EXTRACTOR = "inception-v3-compat"
 DIMS = 2048         # the FID features: Inception's 2048-d pool (every paper's)
 # torch-fidelity's InceptionV3 also gives spatially pooled features after earlier blocks: FID on them is the same
@@ -111,6 +123,7 @@ def tf_weights_path() -> Path:
     d = weights_dir()
     for name in (TF_WEIGHTS, *TF_WEIGHTS_ALIASES):
         if (d / name).is_file():
+            verify_weights(d / name)
             return d / name
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
     raise MissingWeights(
@@ -123,11 +136,28 @@ def cf_weights_path() -> Path:
     """clean-fid's TorchScript Inception in the weights directory, or MissingWeights."""
     p = weights_dir() / CF_WEIGHTS
     if p.is_file():
+        verify_weights(p)
         return p
     from cleanfid.downloads_helper import inception_url
     raise MissingWeights(
         f"{p.absolute()}: clean-fid Inception weights not found (nothing is downloaded); get them from "
         f"{inception_url} and save them under that name, or point {WEIGHTS_ENV} to the directory that holds them")
+
+
+def verify_weights(path: Path) -> bool:
+    """True for the official file; False for another file accepted with CMBENCH_UNVERIFIED_WEIGHTS=1; otherwise
+    UnverifiedWeights, before anything loads the file."""
+    sha = file_sha256(path)
+    official = OFFICIAL_SHA256[CF_WEIGHTS if path.name == CF_WEIGHTS else TF_WEIGHTS]
+    if sha == official:
+        return True
+    if os.environ.get(UNVERIFIED_ENV) == "1":
+        return False
+    why = (f"its SHA-256 {sha[:16]}… is not the official file's {official[:16]}…" if official
+           else "cmbench knows no official SHA-256 for this file")
+    raise UnverifiedWeights(
+        f"{path.absolute()}: refused and not loaded (loading a weights file can run code): {why}; put the official "
+        f"file there, or set {UNVERIFIED_ENV}=1 to accept unverified weights (the records say weights_verified: false)")
 
 
 def write_random_inception(path: str | Path, seed: int = 0) -> Path:
@@ -388,15 +418,19 @@ def reference_stats(images_fn: Callable[[], np.ndarray], spec: str, key: dict, c
     h = config_hash(fields)
     out = Path(cache_dir) / f"{backend(spec, network).slug}-{h}.npz"
     if out.exists():
-        return out
+        try:
+            load_reference(out)
+            return out
+        except DamagedFile as e:
+            set_aside(out, str(e).split(": ", 1)[1])
     return build_reference(images_fn, spec, h, out, device=device, batch_size=batch_size, network=network,
                            fields=fields, dims=dims)
 
 
 def load_reference(path: str | Path) -> dict:
-    with np.load(path) as z:
-        return {"mu": z["mu"], "sigma": z["sigma"], "n": int(z["n"]), "key": str(z["key"]),
-                "fields": json.loads(str(z["fields"]))}
+    z = read_npz(path, ("mu", "sigma", "n", "key", "fields"), fix="delete it (it is rebuilt)")
+    return {"mu": z["mu"], "sigma": z["sigma"], "n": int(z["n"]), "key": str(z["key"]),
+            "fields": json.loads(str(z["fields"]))}
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
@@ -416,8 +450,7 @@ def fid_npz(npz_path: str | Path, reference_file: str | Path, spec: str, *, devi
         raise ValueError(f"{reference_file}: reference statistics made with {k['spec']} on the {k['network']} network "
                          f"(weights sha256 {k['weights_sha256'][:12]}, {k.get('dims', DIMS)}-d), not {spec} on the "
                          f"{b.network} network (weights sha256 {sha[:12]}, {dims}-d)")
-    with np.load(npz_path) as z:
-        images = z["images"]
+    images = read_npz(npz_path, ("images",))["images"]
     f = features(images, spec, device=device, batch_size=batch_size, network=network, dims=dims)
     mu, sigma = stats(f, spec)
     value = frechet(mu, sigma, ref["mu"], ref["sigma"], spec)
@@ -425,7 +458,8 @@ def fid_npz(npz_path: str | Path, reference_file: str | Path, spec: str, *, devi
             "mode": b.mode, "network": b.network,
             "feature_extractor": f"{b.network} InceptionV3 {'pool3' if dims == DIMS else FEATURE_LAYERS[dims] + ' pooled'} "
                                  f"({dims}-d), weights {w.name} sha256:{sha[:12]}", "fid_dims": dims,
-            "weights_file": w.name, "weights_sha256": sha[:12], "n_gen": len(f), "n_ref": ref["n"],
+            "weights_file": w.name, "weights_sha256": sha[:12], "weights_verified": verify_weights(w),
+            "n_gen": len(f), "n_ref": ref["n"],
             "reference_key": ref["key"], "wall_s": time.perf_counter() - t0}
 
 
@@ -433,5 +467,6 @@ if __name__ == "__main__":
     import sys
     if len(sys.argv) != 3 or sys.argv[1] != "random-inception":
         sys.exit(f"usage: python -m cmbench.metrics.fid random-inception DIR   (writes DIR/{TF_WEIGHTS}: a "
-                 f"He-initialised torch-fidelity InceptionV3 for offline dry and smoke runs; its FIDs mean nothing)")
+                 f"He-initialised torch-fidelity InceptionV3 for offline dry and smoke runs, used with "
+                 f"{UNVERIFIED_ENV}=1; its FIDs mean nothing)")
     print(write_random_inception(Path(sys.argv[2]) / TF_WEIGHTS))

@@ -2,7 +2,6 @@
 statistics beside them."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from cmbench import io, paths
+from cmbench.metrics.files import read_records
 from cmbench.metrics.keys import ORDER
 
 ID_COLUMNS = ["suite", "dataset", "variant", "seed", "nfe", "metric", "backend", "mode", "value", "ideal"]
@@ -18,7 +18,7 @@ ID_COLUMNS = ["suite", "dataset", "variant", "seed", "nfe", "metric", "backend",
 def load_records(files) -> pd.DataFrame:
     rows = []
     for f in files:
-        for r in json.loads(Path(f).read_text()):
+        for r in read_records(f):
             rows.append({**r, "records_file": str(f)})
     df = pd.DataFrame(rows)
     for c in ID_COLUMNS + ["n_gen", "sigmas"]:

@@ -252,6 +252,8 @@ def _dataset_note(dataset: str, d: pd.DataFrame, df_all: pd.DataFrame) -> str:
     backends = "; ".join(f"{b} ({', '.join(ms)})" for b, ms in by_backend.items())
     note = (f"{', '.join(_count(n) for n in ns) if ns else 'unrecorded'} samples per run; seeds {seeds}; "
             f"backend{'s' if len(by_backend) > 1 else ''}: {backends}.")
+    if "weights_verified" in d and d["weights_verified"].eq(False).any():   # NaN: a record without FID weights
+        note += " FID from UNVERIFIED Inception weights (CMBENCH_UNVERIFIED_WEIGHTS=1): not comparable with any paper."
     a = fid_agreement(df_all[df_all["dataset"] == dataset])
     if len(a):
         note += f" FID library agreement on the same samples: {_agreement_text(a)}."
