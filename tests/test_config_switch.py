@@ -14,6 +14,7 @@ import yaml
 from cmbench import checkpoint, paths
 from cmbench.checks import check_run, resolve_run
 from cmbench.config import ConfigError, Experiment, load_run_config, write_run_config
+from cmbench.errors import DamagedFile
 from cmbench.launch import run_stage
 from cmbench.metrics.evaluate import evaluate_run
 from cmbench.train import loop
@@ -96,7 +97,7 @@ def test_changing_only_sample_n_resamples_and_reevaluates_without_retraining(tmp
         "1": new.sample_hash(1), "2": new.sample_hash(2)}
     # samples made under the old settings are refused, not evaluated
     paths.samples_file(rdir, 1).write_bytes(stale)
-    with pytest.raises(ValueError, match=f"not the run's {new.sample_hash(1)} .*re-sample it"):
+    with pytest.raises(DamagedFile, match=f"not the run.s {new.sample_hash(1)}; delete it and re-run snakemake"):
         evaluate_run(rdir, 1, tmp_path)
 
 
