@@ -109,7 +109,7 @@ def test_requeued_job_resumes_bit_identical(tmp_path):
     assert proc.returncode == 0, err
     states = sacct(job_id)
     assert "REQUEUED" in states and states[-1] == "COMPLETED", states
-    log = (tmp_path / "runs/toy/gauss1d/ict/s0/jobs" / job_id / f"{job_id}_0_log.err").read_text()
+    log = (tmp_path / "runs/toy/gauss1d/ict/s0/jobs" / f"{job_id}_0_log.err").read_text()
     assert "resuming" in log
     assert_same_weights(tmp_path / "runs/toy/gauss1d/ict/s0/final.pt", inline_final(tmp_path, LONG))
 
@@ -223,7 +223,7 @@ def test_killed_snakemake_reattaches_on_restart(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"re-attaching to job {job_id}" in (run / "logs" / "train.log").read_text()
-    submitted = [p.name for p in (run / "jobs").iterdir() if p.is_dir()]   # one folder per submitted job
+    submitted = [p.name.split("_")[0] for p in (run / "jobs").glob("*_submission.sh")]   # one per submitted job
 
     def name(j):
         return subprocess.run(["sacct", "-n", "-X", "-j", j, "-o", "JobName%40"], capture_output=True, text=True,

@@ -190,7 +190,8 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[
     Idempotent: returns at once when the final file of this config exists. On several ranks (WORLD_SIZE > 1)
     each computes its shard of the global batch, gradients are summed, and only rank 0 writes.
     on_step(k) is called as step k starts (and with k = steps after the last), on_save(k, seconds) after each
-    intermediate checkpoint write: how benchmarks time the loop from outside."""
+    intermediate checkpoint write: how benchmarks time the loop from outside. When on_step(k) returns True, the
+    state after k steps is checkpointed before step k runs (a preemption: cmbench.launch)."""
     rdir = Path(rdir)
     final = paths.final_weights(rdir)
     if final.exists() and checkpoint.load(final)["config_hash"] == cfg.hash:
@@ -217,10 +218,18 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=None if progress and main else True,
                desc=f"{cfg.run.variant}/{cfg.run.dataset}/s{cfg.run.seed}", mininterval=2, leave=False)
     parts = micro_batches(t.batch, t.batch_per_device, rank, world)
+
+    def save(done: int) -> None:
+        t0 = time.perf_counter()
+        checkpoint.save_atomic(tr.state_dict(done), checkpoint.ckpt_path(ckdir, done))
+        checkpoint.prune(ckdir, t.keep_checkpoints)
+        if on_save is not None:
+            on_save(done, time.perf_counter() - t0)
+
     with log:
         for step in bar:
-            if on_step is not None:
-                on_step(step)
+            if on_step is not None and on_step(step) and main and step > start:
+                save(step)
             loss, grad_norm = tr.step(step, parts, world)
             done = step + 1
             log.add(loss)
@@ -228,11 +237,7 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[
                 rec = log.write(step, grad_norm, lr=tr.opt.param_groups[0]["lr"], **tr.loss_fn.stats(step))
                 bar.set_postfix(loss=f"{rec['loss']:.3g}")
             if main and done % t.checkpoint_every == 0 and done < t.steps:
-                t0 = time.perf_counter()
-                checkpoint.save_atomic(tr.state_dict(done), checkpoint.ckpt_path(ckdir, done))
-                checkpoint.prune(ckdir, t.keep_checkpoints)
-                if on_save is not None:
-                    on_save(done, time.perf_counter() - t0)
+                save(done)
     if on_step is not None:
         on_step(t.steps)
     distributed.barrier(world)

@@ -1,0 +1,124 @@
+"""The cluster path without a cluster: cluster facts per suite, sbatch's refusals, ranks of a multi-node job.
+(The same path on the dev cluster: tests/test_slurm.py.)"""
+import os
+import socket
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from submitit.core.utils import FailedJobError
+
+from cmbench import paths
+from cmbench.config import ConfigError, load_launch_config, write_run_config
+from cmbench.launch import StageJob, _rejected, _slurm_parameters
+from cmbench.train import loop
+from conftest import REPO
+from test_distributed import assert_same_run, config
+
+DEFAULT = REPO / "configs" / "launch" / "slurm.yaml"
+KINDS = ("teacher", "train", "sample", "evaluate")
+
+
+def test_default_cluster_facts_give_toy_and_digits_one_cpu_and_the_paper_suites_gpus():
+    facts = load_launch_config(DEFAULT)
+    for suite in ("toy", "digits"):          # runs anywhere, GPUs or not, and holds no GPU for a 2-minute MLP
+        for kind in KINDS:
+            job = facts.job(suite, kind)
+            assert (job.gpus_per_node, job.cpus_per_task, job.nodes) == (0, 1, 1), (suite, kind)
+            assert job.timeout_min <= 120
+            assert _slurm_parameters(job, kind)["gpus_per_node"] == 0
+    assert facts.job("cifar10", "train").gpus_per_node == 8
+    imagenet = _slurm_parameters(facts.job("imagenet64", "train"), "train")
+    assert (imagenet["nodes"], imagenet["tasks_per_node"], imagenet["gpus_per_node"]) == (8, 8, 8)   # 64 GPUs
+    assert _slurm_parameters(facts.job("imagenet64", "evaluate"), "evaluate")["nodes"] == 1
+
+
+def test_a_suite_entry_changes_only_its_own_keys(tmp_path):
+    data = yaml.safe_load(DEFAULT.read_text())
+    data["suites"] = {"mine": {"train": {"timeout_min": 5}}, "bare": None}
+    path = tmp_path / "facts.yaml"
+    path.write_text(yaml.safe_dump(data))
+    facts = load_launch_config(path)
+    assert facts.job("mine", "train") == facts.jobs["train"].model_copy(update={"timeout_min": 5})
+    assert all(facts.job("mine", k) == facts.jobs[k] for k in ("teacher", "sample", "evaluate"))
+    assert all(facts.job("bare", k) == facts.jobs[k] for k in KINDS)
+
+
+@pytest.mark.parametrize("suites, named", [({"toy": {"trian": {"nodes": 2}}}, "suites.toy.trian"),
+                                           ({"toy": {"train": {"nodes": 0}}}, "suites.toy.train.nodes"),
+                                           ({"toy": {"train": {"gpus": 1}}}, "suites.toy.train.gpus")])
+def test_a_bad_suite_entry_is_one_line_naming_its_key(tmp_path, suites, named):
+    path = tmp_path / "facts.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(DEFAULT.read_text()), "suites": suites}))
+    with pytest.raises(ConfigError) as e:
+        load_launch_config(path)
+    assert named in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_job_kind_missing_from_the_cluster_facts_is_named(tmp_path):
+    data = yaml.safe_load(DEFAULT.read_text())
+    del data["jobs"]["sample"]
+    path = tmp_path / "facts.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="jobs: no entry for sample"):
+        load_launch_config(path)
+
+
+def test_an_sbatch_rejection_is_one_line_naming_the_job_kind_and_the_option():
+    job = load_launch_config(DEFAULT).job("cifar10", "train")
+    err = _rejected(FailedJobError("sbatch: error: Invalid generic resource (gres) specification"), "train",
+                    "cifar10", job)
+    msg = str(err)
+    assert "\n" not in msg
+    assert "train job of suite cifar10" in msg and "Invalid generic resource" in msg and "gpus_per_node=8" in msg
+    err = _rejected(FailedJobError("sbatch: error: Memory specification can not be satisfied\nsbatch: error: Batch "
+                                   "job submission failed: Requested node configuration is not available"),
+                    "sample", "cifar10", job)
+    assert "mem_gb=256.0" in str(err) and "\n" not in str(err)
+
+
+def rank_of_two_nodes(rank: int, env: dict, rdir: str) -> None:
+    """One task of a two-node, one-task-per-node Slurm allocation, as srun starts it: only SLURM_* variables."""
+    os.environ.update({**env, "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank), "SLURM_LOCALID": "0"})
+    StageJob()("train", rdir, None)
+    assert (dist.get_rank(), dist.get_world_size()) == (rank, 2)       # one process group over both "nodes"
+    assert (os.environ["MASTER_ADDR"], os.environ["LOCAL_RANK"]) == ("localhost", "0")
+
+
+def two_node_env(job_id: int) -> dict:
+    return {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2",
+            "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": f"localhost,{socket.gethostname()}"}
+
+
+def free_rendezvous(monkeypatch) -> dict:
+    """The environment of a job whose rendezvous port (submitit derives it from the job id) is free here."""
+    from submitit.helpers import TorchDistributedEnvironment
+    for job_id in range(4242, 4342):
+        with monkeypatch.context() as m:
+            for k, v in {**two_node_env(job_id), "SLURM_PROCID": "0"}.items():
+                m.setenv(k, v)
+            m.delenv("MASTER_PORT", raising=False)
+            dist_env = TorchDistributedEnvironment()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", dist_env.master_port))
+            except OSError:
+                continue
+        assert dist_env.master_addr == "localhost" and dist_env.world_size == 2
+        return two_node_env(job_id)
+    raise AssertionError("no free port")
+
+
+def test_a_two_node_training_job_takes_its_ranks_from_slurm_and_matches_one_rank(tmp_path, monkeypatch):
+    cfg = config()
+    single = paths.run_dir(tmp_path / "one", cfg.run)
+    loop.train(cfg, single, progress=False)
+    two = config(per_device=16)
+    rdir = paths.run_dir(tmp_path / "two", two.run)
+    write_run_config(two, rdir)                   # planned, as the workflow does before its jobs
+    env = free_rendezvous(monkeypatch)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)      # what submitit exports must come from the SLURM_* variables
+    mp.spawn(rank_of_two_nodes, args=(env, str(rdir)), nprocs=2, join=True)
+    assert_same_run(single, rdir)
