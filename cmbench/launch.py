@@ -215,11 +215,11 @@ def _logs(job) -> list[Path]:
 
 def _never_ran(job) -> str | None:
     """Why a finished Slurm job never ran its program (a node or its boot failed; or Slurm could not start it:
-    no log at all), or None: it ran, and running it again would fail again."""
+    no log, no result), or None: it ran, and running it again would fail again."""
     state = _state(job)
     if state in NEVER_RAN:
         return state
-    if state == "FAILED" and not _logs(job):
+    if state == "FAILED" and not _logs(job) and not job.paths.result_pickle.exists():
         return f"{state}, no log"
     return None
 
@@ -269,8 +269,11 @@ def launch(stage: str, rdir: str | Path, nfe: int | None, launcher: str, launch_
             break
         _wait(job, launch_cfg.poll_s)
         why = _never_ran(job)
-        if why is None or attempt == RESUBMITS:
+        if why is None:
             break
+        if attempt == RESUBMITS:
+            raise JobFailed(f"job {job.job_id} ({kind}) failed before it ran ({why}), {RESUBMITS + 1} times in a "
+                            f"row: the cluster cannot start it (sacct -j {job.job_id}; slurmd's log)")
         print(f"cmbench: job {job.job_id} ({kind}) failed before it ran ({why}): submitting it again "
               f"({attempt + 1} of {RESUBMITS})", file=sys.stderr)
         job = None
