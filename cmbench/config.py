@@ -556,7 +556,7 @@ class SlurmJob(Strict):
 
 
 class LaunchConfig(Strict):
-    """configs/launch/*.yaml: how long to wait between polls, and the resources of each kind of job: `jobs` for
+    """configs/launch/*.yaml: the longest wait between two polls, and the resources of each kind of job: `jobs` for
     every suite, and under `suites.NAME` the keys that differ for one suite (merged into `jobs` per kind)."""
     poll_s: PosFloat = 30.0
     jobs: dict[JobKind, SlurmJob]

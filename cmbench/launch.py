@@ -225,9 +225,12 @@ def _never_ran(job) -> str | None:
 
 
 def _wait(job, poll_s: float) -> None:
-    """Poll at a modest rate (one sacct call per poll)."""
+    """Poll at a modest rate (one sacct call per poll): after 1 s, then ever less often, up to every poll_s (a
+    2-minute toy job is not kept waiting 30 s; a 2-day one asks sacct every 30 s)."""
+    delay = min(1.0, poll_s)
     while not job.done(force_check=True):
-        time.sleep(poll_s)
+        time.sleep(delay)
+        delay = min(2 * delay, poll_s)
 
 
 def _results(job) -> None:

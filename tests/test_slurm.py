@@ -236,13 +236,13 @@ def test_killed_snakemake_reattaches_on_restart(tmp_path):
     assert sacct(job_id)[-1] == "COMPLETED"
 
 
-def facts(tmp_path, suites=None, source=REPO / "configs" / "launch" / "slurm.yaml") -> Path:
-    """A launch config: `source` polled every second, with `suites` in place of its own."""
-    data = {**yaml.safe_load(source.read_text()), "poll_s": 1}
-    if suites is not None:
-        data["suites"] = suites
+DEFAULT = REPO / "configs" / "launch" / "slurm.yaml"
+
+
+def facts(tmp_path, suites) -> Path:
+    """The default launch config with `suites` in place of its own."""
     path = tmp_path / "facts.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump({**yaml.safe_load(DEFAULT.read_text()), "suites": suites}))
     return path
 
 
@@ -252,8 +252,8 @@ def with_facts(cmd, path):
 
 
 def test_default_cluster_facts_run_a_toy_job_on_a_cpu_only_cluster(tmp_path):
-    """configs/launch/slurm.yaml as it comes (but for its poll interval): no GPU, one CPU, minutes."""
-    r = subprocess.run(with_facts(launch_cmd(tmp_path, sets=["train.steps=50"]), facts(tmp_path)),
+    """configs/launch/slurm.yaml as it comes: no GPU, one CPU, minutes."""
+    r = subprocess.run(with_facts(launch_cmd(tmp_path, sets=["train.steps=50"]), DEFAULT),
                        capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     job_id = json.loads(record(tmp_path).read_text())["job_id"]
