@@ -5,12 +5,12 @@ rule); `debug` is submitit's in-process DebugExecutor (drops into pdb on error: 
 `local` is submitit's LocalExecutor (a child process per job); `slurm` submits with sbatch through submitit,
 records the job id in the run dir, and re-attaches to that job after a restart instead of submitting again."""
 import contextlib
-import io as _io
 import json
 import os
 import signal
 import sys
 import time
+from io import StringIO
 from pathlib import Path
 
 import submitit
@@ -160,9 +160,9 @@ def _slurm_parameters(job: SlurmJob, kind: str) -> dict:
     return params
 
 
-# sbatch's complaint → the key of the cluster facts behind it
+# sbatch's complaint → the key of the cluster facts behind it (first match wins: "account/partition" is the account)
 SBATCH_OPTIONS = (("gres", "gpus_per_node"), ("generic resource", "gpus_per_node"), ("memory", "mem_gb"),
-                  ("partition", "partition"), ("account", "account"), ("association", "account"),
+                  ("account", "account"), ("association", "account"), ("partition", "partition"),
                   ("time limit", "timeout_min"), ("node count", "nodes"), ("processors", "cpus_per_task"),
                   ("cpu", "cpus_per_task"))
 
@@ -189,7 +189,7 @@ def job_folder(rdir: Path) -> Path:
 def _submit(launcher: str, folder: Path, name: str, slurm: dict | None, fn, *args):
     executor = submitit.AutoExecutor(folder=folder, cluster=launcher)
     executor.update_parameters(name=name, **(slurm or {}))
-    with contextlib.redirect_stderr(_io.StringIO()):     # submitit echoes sbatch's stderr; _rejected says it once
+    with contextlib.redirect_stderr(StringIO()):     # submitit echoes sbatch's stderr; _rejected says it once
         return executor.submit(fn, *args)
 
 

@@ -65,17 +65,19 @@ def test_a_job_kind_missing_from_the_cluster_facts_is_named(tmp_path):
         load_launch_config(path)
 
 
-def test_an_sbatch_rejection_is_one_line_naming_the_job_kind_and_the_option():
-    job = load_launch_config(DEFAULT).job("cifar10", "train")
-    err = _rejected(FailedJobError("sbatch: error: Invalid generic resource (gres) specification"), "train",
-                    "cifar10", job)
-    msg = str(err)
-    assert "\n" not in msg
-    assert "train job of suite cifar10" in msg and "Invalid generic resource" in msg and "gpus_per_node=8" in msg
-    err = _rejected(FailedJobError("sbatch: error: Memory specification can not be satisfied\nsbatch: error: Batch "
-                                   "job submission failed: Requested node configuration is not available"),
-                    "sample", "cifar10", job)
-    assert "mem_gb=256.0" in str(err) and "\n" not in str(err)
+@pytest.mark.parametrize("stderr, option", [
+    ("sbatch: error: Invalid generic resource (gres) specification", "gpus_per_node=8"),
+    ("sbatch: error: Memory specification can not be satisfied\nsbatch: error: Batch job submission failed: "
+     "Requested node configuration is not available", "mem_gb=256.0"),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+     "account='nobody'"),
+    ("sbatch: error: invalid partition specified: gpu", "partition='gpu'")])
+def test_an_sbatch_rejection_is_one_line_naming_the_job_kind_and_the_option(stderr, option):
+    job = load_launch_config(DEFAULT).job("cifar10", "train").model_copy(update={"account": "nobody",
+                                                                                 "partition": "gpu"})
+    msg = str(_rejected(FailedJobError(stderr), "train", "cifar10", job))
+    assert "\n" not in msg and msg.startswith("sbatch rejected the train job of suite cifar10: ")
+    assert stderr.splitlines()[0].removeprefix("sbatch: error: ") in msg and f"fix {option} of" in msg
 
 
 def rank_of_two_nodes(rank: int, env: dict, rdir: str) -> None:
