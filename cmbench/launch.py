@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from io import StringIO
@@ -22,6 +23,8 @@ from cmbench.errors import JobFailed
 
 RESUBMITS = 2       # how often a job that failed before it ran (no log, NODE_FAIL, BOOT_FAIL) is submitted again
 NEVER_RAN = ("NODE_FAIL", "BOOT_FAIL")
+# why a job can stay pending for ever: it asks more than its partition has (QOS and association limits "...PerJob")
+CANNOT_START = ("PartitionNodeLimit", "PartitionTimeLimit", "PartitionConfig", "BadConstraints")
 # a job worth waiting for. Not COMPLETED: Snakemake deletes the outputs of a job it did not see finish, so a
 # finished job is run again (training resumes from its checkpoints; the other stages are short)
 LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
@@ -177,6 +180,10 @@ def _rejected(err: FailedJobError, kind: str, suite: str, job: SlurmJob) -> JobF
                      f"launch config (suites.{suite}.{kind}, else jobs.{kind})")
 
 
+def _asks(job: SlurmJob) -> str:
+    return ", ".join(f"{k}={v}" for k, v in job.model_dump().items() if v is not None)
+
+
 def job_folder(rdir: Path) -> Path:
     """Where submitit keeps the jobs of a run (scripts, pickles, logs): one fixed folder, made before any job is
     submitted. Slurm opens a job's log as the job starts, which on an idle cluster can be before submitit would
@@ -213,10 +220,9 @@ def _logs(job) -> list[Path]:
     return sorted(Path(job.paths.folder).glob(f"{job.job_id}_*_log.*"))
 
 
-def _never_ran(job) -> str | None:
+def _never_ran(job, state: str) -> str | None:
     """Why a finished Slurm job never ran its program (a node or its boot failed; or Slurm could not start it:
     no log, no result), or None: it ran, and running it again would fail again."""
-    state = _state(job)
     if state in NEVER_RAN:
         return state
     if state == "FAILED" and not _logs(job) and not job.paths.result_pickle.exists():
@@ -224,11 +230,19 @@ def _never_ran(job) -> str | None:
     return None
 
 
-def _wait(job, poll_s: float) -> None:
+def _wait(job, poll_s: float, asks: str) -> None:
     """Poll at a modest rate (one sacct call per poll): after 1 s, then ever less often, up to every poll_s (a
-    2-minute toy job is not kept waiting 30 s; a 2-day one asks sacct every 30 s)."""
-    delay = min(1.0, poll_s)
+    2-minute toy job is not kept waiting 30 s; a 2-day one asks sacct every 30 s). Says once, in one line, when
+    Slurm keeps the job pending because its partition cannot hold what it `asks` (Slurm does not refuse those)."""
+    delay, told = min(1.0, poll_s), False
     while not job.done(force_check=True):
+        if not told and job.get_info(mode="cache").get("State") == "PENDING":
+            reason = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%r"], capture_output=True,
+                                    text=True).stdout.strip()
+            if reason in CANNOT_START or "PerJob" in reason:
+                print(f"cmbench: job {job.job_id} waits for what its partition cannot give ({reason}): {asks}",
+                      file=sys.stderr)
+                told = True
         time.sleep(delay)
         delay = min(2 * delay, poll_s)
 
@@ -270,8 +284,12 @@ def launch(stage: str, rdir: str | Path, nfe: int | None, launcher: str, launch_
             print(f"cmbench: submitted job {job.job_id} ({record})", file=sys.stderr)
         if launcher != "slurm":
             break
-        _wait(job, launch_cfg.poll_s)
-        why = _never_ran(job)
+        _wait(job, launch_cfg.poll_s, f"the {kind} job asks {_asks(facts)} (launch config: "
+                                      f"suites.{cfg.run.suite}.{kind}, else jobs.{kind})")
+        state = _state(job)
+        if state == "CANCELLED":      # by hand or by an administrator: no result will come, and it is not ours to redo
+            raise JobFailed(f"job {job.job_id} ({kind}) was cancelled (sacct -j {job.job_id})")
+        why = _never_ran(job, state)
         if why is None:
             break
         if attempt == RESUBMITS:

@@ -324,7 +324,7 @@ def test_a_job_failing_before_it_runs_is_resubmitted_at_most_twice(tmp_path, mon
 def test_preemption_signal_checkpoints_the_last_whole_step_and_the_requeued_job_ends_bit_identical(tmp_path):
     """submitit's signal (USR2, as Slurm sends it before a preemption or the time limit) mid-run: the job saves the
     state after its last whole step, requeues itself and resumes there. No periodic checkpoint could help."""
-    sets = ["train.steps=4000", "train.batch=64", "train.checkpoint_every=100000", "train.log_every=100"]
+    sets = ["train.steps=3000", "train.batch=64", "train.checkpoint_every=100000", "train.log_every=100"]
     proc = subprocess.Popen(launch_cmd(tmp_path, sets=sets), stderr=subprocess.PIPE, text=True, env=ENV)
     run = tmp_path / "runs/toy/gauss1d/ict/s0"
     wait_for(lambda: (run / "stats.jsonl").exists() and len((run / "stats.jsonl").read_text().splitlines()) >= 5)
@@ -337,6 +337,21 @@ def test_preemption_signal_checkpoints_the_last_whole_step_and_the_requeued_job_
     log = (run / "jobs" / f"{job_id}_0_log.err").read_text()
     signalled, saved = map(int, re.search(r"preemption signal during step (\d+): checkpointed the state after "
                                           r"(\d+) steps", log).groups())
-    assert 500 <= signalled < saved <= signalled + 1 < 4000        # the step in progress completes; no step lost
+    assert 500 <= signalled < saved <= signalled + 1 < 3000        # the step in progress completes; no step lost
     assert f"from ckpt-{saved:09d}.pt (step {saved})" in log       # the requeued job resumed there
     assert_same_weights(run / "final.pt", inline_final(tmp_path, sets))
+
+
+def test_a_job_its_partition_cannot_hold_is_named_in_one_line_while_it_waits(tmp_path):
+    """Slurm takes a 2-node job on a 1-node cluster and keeps it pending for ever (PartitionNodeLimit)."""
+    proc = subprocess.Popen(with_facts(launch_cmd(tmp_path, sets=["train.steps=50"]),
+                                       facts(tmp_path, {"toy": {"train": {"nodes": 2}}})),
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    lines = [proc.stderr.readline(), proc.stderr.readline()]
+    job_id = json.loads(record(tmp_path).read_text())["job_id"]
+    subprocess.run(["scancel", job_id], check=True)
+    _, rest = proc.communicate(timeout=60)
+    assert rest.strip() == f"cmbench: error: job {job_id} (train) was cancelled (sacct -j {job_id})"
+    assert f"cmbench: job {job_id} waits for what its partition cannot give (PartitionNodeLimit)" in lines[1]
+    assert "the train job asks" in lines[1] and "nodes=2" in lines[1] and "suites.toy.train" in lines[1]
+    assert proc.returncode != 0
