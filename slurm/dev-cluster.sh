@@ -35,8 +35,8 @@ ClusterName=localcluster
 SlurmctldHost=${NODE}(127.0.0.1)
 AuthType=auth/munge
 CredType=cred/munge
-# a requeued job waits cred_expire seconds before it may start again (default 120 s)
-AuthInfo=cred_expire=${SLURM_CRED_EXPIRE:-10}
+# a requeued job waits cred_expire seconds before it may start again (default 120 s; 5 is the least)
+AuthInfo=cred_expire=${SLURM_CRED_EXPIRE:-5}
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=/var/spool/slurmctld
