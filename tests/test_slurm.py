@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -347,9 +348,14 @@ def test_a_job_its_partition_cannot_hold_is_named_in_one_line_while_it_waits(tmp
     proc = subprocess.Popen(with_facts(launch_cmd(tmp_path, sets=["train.steps=50"]),
                                        facts(tmp_path, {"toy": {"train": {"nodes": 2}}})),
                             stderr=subprocess.PIPE, text=True, env=ENV)
-    lines = [proc.stderr.readline(), proc.stderr.readline()]
-    job_id = json.loads(record(tmp_path).read_text())["job_id"]
-    subprocess.run(["scancel", job_id], check=True)
+    watchdog = threading.Timer(60, proc.kill)           # no note: readline would wait as long as the job pends
+    watchdog.start()
+    try:
+        lines = [proc.stderr.readline(), proc.stderr.readline()]
+    finally:
+        watchdog.cancel()
+        job_id = json.loads(record(tmp_path).read_text())["job_id"]
+        subprocess.run(["scancel", job_id], check=True)
     _, rest = proc.communicate(timeout=60)
     assert rest.strip() == f"cmbench: error: job {job_id} (train) was cancelled (sacct -j {job_id})"
     assert f"cmbench: job {job_id} waits for what its partition cannot give (PartitionNodeLimit)" in lines[1]
