@@ -1,9 +1,11 @@
 """The cluster path without a cluster: cluster facts per suite, sbatch's refusals, ranks of a multi-node job.
 (The same path on the dev cluster: tests/test_slurm.py.)"""
 import os
+import signal
 import socket
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
@@ -124,3 +126,45 @@ def test_a_two_node_training_job_takes_its_ranks_from_slurm_and_matches_one_rank
         monkeypatch.delenv(k, raising=False)      # what submitit exports must come from the SLURM_* variables
     mp.spawn(rank_of_two_nodes, args=(env, str(rdir)), nprocs=2, join=True)
     assert_same_run(single, rdir)
+
+
+def test_the_preemption_signal_mid_step_checkpoints_that_step_before_submitit_requeues(tmp_path, monkeypatch, capsys):
+    """The signal comes inside step 200; submitit's handler (here a stand-in that exits, as submitit's does after
+    requeueing) must find the state after step 200 saved, and the resumed run must end bit-identical."""
+    from cmbench import checkpoint
+    from cmbench.checks import check_run
+    from cmbench.config import Experiment
+    from cmbench.launch import _train
+
+    over = {"train": {"steps": 500, "checkpoint_every": 100000}}
+    cfg = check_run(Experiment(REPO / "configs").resolve("toy", "gauss1d", "ict", 0, over))
+    rdir = paths.run_dir(tmp_path / "preempted", cfg.run)
+    write_run_config(cfg, rdir)
+    gradients = loop.Trainer.gradients
+
+    def signalled_in_step_200(self, step, *args):
+        if step == 200:
+            os.kill(os.getpid(), signal.SIGUSR2)          # handled at the next bytecode: mid-step
+        return gradients(self, step, *args)
+
+    found = []
+
+    def submitit_handler(signum, frame):
+        found.append([p.name for p in paths.checkpoints_dir(rdir).iterdir()])
+        raise SystemExit(-1)
+
+    monkeypatch.setattr(loop.Trainer, "gradients", signalled_in_step_200)
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(SystemExit):
+            _train(rdir, None, None)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert found == [["ckpt-000000201.pt"]]
+    assert "preemption signal during step 200: checkpointed the state after 201 steps" in capsys.readouterr().err
+    monkeypatch.undo()
+    resumed = loop.train(cfg, rdir, progress=False)                    # the requeued job
+    whole = loop.train(cfg, paths.run_dir(tmp_path / "whole", cfg.run), progress=False)
+    a, b = checkpoint.load(resumed), checkpoint.load(whole)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
