@@ -650,9 +650,13 @@ def load_run_config(rdir: str | Path) -> RunConfig:
 LAUNCHERS = ("inline", "debug", "local", "slurm")
 
 
+JobKind = Literal["teacher", "train", "sample", "evaluate"]
+
+
 class SlurmJob(Strict):
     partition: str | None = None
     account: str | None = None
+    nodes: PosInt = 1                        # a training job's ranks may span nodes (tasks_per_node on each)
     gpus_per_node: Annotated[int, Field(ge=0)] = 0
     tasks_per_node: PosInt | None = None     # ranks of a training job; None: one per GPU (one without GPUs)
     cpus_per_task: PosInt = 1
@@ -661,9 +665,41 @@ class SlurmJob(Strict):
 
 
 class LaunchConfig(Strict):
-    """configs/launch/*.yaml: how long to wait between polls, and the resources of each kind of job."""
+    """configs/launch/*.yaml: the longest wait between two polls, and the resources of each kind of job: `jobs` for
+    every suite, and under `suites.NAME` the keys that differ for one suite (merged into `jobs` per kind)."""
     poll_s: PosFloat = 30.0
-    jobs: dict[Literal["teacher", "train", "sample", "evaluate"], SlurmJob]
+    jobs: dict[JobKind, SlurmJob]
+    suites: dict[str, dict[JobKind, SlurmJob]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_suites(cls, data: Any) -> Any:
+        """Each suite's entry becomes whole: its keys over those of `jobs`, kind by kind (anything that is not a
+        mapping is left as it is, for the field validation to name)."""
+        jobs, suites = (data.get(k) if isinstance(data, dict) else None for k in ("jobs", "suites"))
+        if not isinstance(jobs, dict) or not isinstance(suites, dict):
+            return data
+
+        def whole(over):
+            over = {} if over is None else over        # `toy:` alone: the suite takes `jobs` as they are
+            if not isinstance(over, dict):
+                return over
+            return {kind: {**jobs[kind], **over[kind]} if isinstance(jobs.get(kind), dict)
+                    and isinstance(over.get(kind), dict) else over.get(kind, jobs.get(kind))
+                    for kind in {**jobs, **over}}
+
+        return {**data, "suites": {name: whole(over) for name, over in suites.items()}}
+
+    @model_validator(mode="after")
+    def _every_kind(self) -> "LaunchConfig":
+        missing = [k for k in JobKind.__args__ if k not in self.jobs]
+        if missing:
+            raise ValueError(f"jobs: no entry for {', '.join(missing)} (every job kind needs its resources)")
+        return self
+
+    def job(self, suite: str, kind: str) -> SlurmJob:
+        """The resources of one kind of job of a suite."""
+        return self.suites.get(suite, self.jobs)[kind]
 
 
 def load_launch_config(path: str | Path) -> LaunchConfig:

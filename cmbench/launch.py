@@ -7,25 +7,76 @@ records the job id in the run dir, and re-attaches to that job after a restart i
 import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
+from io import StringIO
 from pathlib import Path
 
 import submitit
+from submitit.core.utils import FailedJobError
 
 from cmbench import io, paths
-from cmbench.config import LaunchConfig, RunConfig, load_run_config
+from cmbench.config import LaunchConfig, RunConfig, SlurmJob, load_run_config
 from cmbench.errors import JobFailed
 
+RESUBMITS = 2       # how often a job that failed before it ran (no log, NODE_FAIL, BOOT_FAIL) is submitted again
+NEVER_RAN = ("NODE_FAIL", "BOOT_FAIL")
+# why a job can stay pending for ever: it asks more than its partition has (QOS and association limits "...PerJob")
+CANNOT_START = ("PartitionNodeLimit", "PartitionTimeLimit", "PartitionConfig", "BadConstraints")
 # a job worth waiting for. Not COMPLETED: Snakemake deletes the outputs of a job it did not see finish, so a
 # finished job is run again (training resumes from its checkpoints; the other stages are short)
 LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
                "SUSPENDED")
 
 
+class Preemption:
+    """submitit's handler of the preemption and time-limit signal checkpoints the job's call, requeues it and
+    exits, from whatever bytecode the main thread was at: possibly mid-step. While a job trains, the signal only
+    sets a flag; the loop then checkpoints the state after its last whole step (on_step returns True) and, once
+    saved (on_save), submitit's handler runs: a requeue loses at most the step in progress. Outside a submitit
+    job (no Python handler for the signal) nothing changes."""
+
+    def __init__(self):
+        self.signum = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+        self.handler, self.signalled, self.step, self.signal_step = None, False, 0, 0
+
+    def __enter__(self):
+        self.handler = signal.getsignal(self.signum)
+        if callable(self.handler):
+            signal.signal(self.signum, self._defer)
+        return self
+
+    def _defer(self, signum, frame):
+        # nothing else here: printing could re-enter a write in progress
+        self.signalled, self.signal_step = True, self.step
+
+    def on_step(self, step: int) -> bool:
+        self.step = step
+        return self.signalled
+
+    def on_save(self, step: int, seconds: float) -> None:
+        if self.signalled:
+            print(f"cmbench: preemption signal during step {self.signal_step}: checkpointed the state after {step} "
+                  f"steps", file=sys.stderr)
+            self._hand_over()
+
+    def _hand_over(self):
+        signal.signal(self.signum, self.handler)
+        self.handler(self.signum, None)   # submitit: checkpoint the call, requeue, exit (rank 0; others return)
+
+    def __exit__(self, exc_type, *exc):
+        if callable(self.handler):
+            signal.signal(self.signum, self.handler)
+            if self.signalled and exc_type is None:    # came after the last step: training is done
+                self._hand_over()
+
+
 def _train(rdir, nfe, metric):
     from cmbench.train.loop import train
-    train(load_run_config(rdir), rdir)
+    with Preemption() as p:
+        train(load_run_config(rdir), rdir, on_step=p.on_step, on_save=p.on_save)
 
 
 def _sample(rdir, nfe, metric):
@@ -68,6 +119,7 @@ STAGES = {"train": _train, "sample": _sample, "evaluate": _evaluate, "reference"
           "collect": _collect, "run": _run}
 RUN_STAGES = ("train", "collect", "run")       # the stages that act on a whole run, not one NFE
 SPLIT_STAGES = ("train", "sample")             # the stages a job may split over several tasks (ranks, shards)
+SPLIT_KINDS = ("teacher", "train", "sample")    # their job kinds
 
 
 def run_stage(stage: str, rdir: str, nfe: int | None, metric: str = "data") -> None:
@@ -94,25 +146,63 @@ def job_kind(stage: str, cfg: RunConfig) -> str:
 
 
 class StageJob(submitit.helpers.Checkpointable):
-    """On timeout or preemption submitit calls checkpoint(), which (inherited) resubmits the same call;
-    training then resumes from its newest checkpoint, losing at most `train.checkpoint_every` steps.
-    With several tasks, each is one torch.distributed rank of a training job (cmbench.train.distributed)."""
+    """On timeout or preemption submitit calls checkpoint(), which (inherited) resubmits the same call; training
+    checkpoints first (Preemption), so the requeued job resumes where it stopped. With several tasks, on one node
+    or several, each is one torch.distributed rank of a training job (cmbench.train.distributed)."""
 
     def __call__(self, stage, rdir, nfe, metric="data"):
         if submitit.JobEnvironment().num_tasks > 1:
             if stage not in SPLIT_STAGES:
                 raise ValueError(f"stage {stage!r} runs as one task; only {SPLIT_STAGES} are split over tasks")
-            submitit.helpers.TorchDistributedEnvironment().export()
+            # every GPU of the node stays visible: each rank takes the one of its LOCAL_RANK (cmbench.devices)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         run_stage(stage, rdir, nfe, metric)
 
 
-def _slurm_parameters(launch_cfg: LaunchConfig, kind: str) -> dict:
-    job = launch_cfg.jobs[kind]
-    tasks = (job.tasks_per_node or max(job.gpus_per_node, 1)) if kind in ("teacher", "train", "sample") else 1
+def _slurm_parameters(job: SlurmJob, kind: str) -> dict:
+    tasks = (job.tasks_per_node or max(job.gpus_per_node, 1)) if kind in SPLIT_KINDS else 1
     params = {"timeout_min": job.timeout_min, "cpus_per_task": job.cpus_per_task, "mem_gb": job.mem_gb,
-              "gpus_per_node": job.gpus_per_node, "tasks_per_node": tasks, "nodes": 1}
+              "gpus_per_node": job.gpus_per_node, "tasks_per_node": tasks,
+              "nodes": job.nodes if kind in SPLIT_KINDS else 1}
     params.update({f"slurm_{k}": v for k, v in (("partition", job.partition), ("account", job.account)) if v})
     return params
+
+
+# sbatch's complaint → the key of the cluster facts behind it (first match wins: "account/partition" is the account)
+SBATCH_OPTIONS = (("gres", "gpus_per_node"), ("generic resource", "gpus_per_node"), ("memory", "mem_gb"),
+                  ("account", "account"), ("association", "account"), ("partition", "partition"),
+                  ("time limit", "timeout_min"), ("node count", "nodes"), ("processors", "cpus_per_task"),
+                  ("cpu", "cpus_per_task"))
+
+
+def _rejected(err: FailedJobError, kind: str, suite: str, job: SlurmJob) -> JobFailed:
+    """sbatch's refusal as one line: its first complaint and the cluster fact it is about."""
+    lines = [ln.removeprefix("sbatch: error: ").strip() for ln in str(err).splitlines() if ln.strip()]
+    said = lines[0] if lines else "no message"
+    keys = [key for word, key in SBATCH_OPTIONS if word in " ".join(lines).lower()]
+    which = f"{keys[0]}={getattr(job, keys[0])!r}" if keys else "the resources"
+    return JobFailed(f"sbatch rejected the {kind} job of suite {suite}: {said}; fix {which} of that job in the "
+                     f"launch config (suites.{suite}.{kind}, else jobs.{kind})")
+
+
+def _asks(job: SlurmJob) -> str:
+    return ", ".join(f"{k}={v}" for k, v in job.model_dump().items() if v is not None)
+
+
+def job_folder(rdir: Path) -> Path:
+    """Where submitit keeps the jobs of a run (scripts, pickles, logs): one fixed folder, made before any job is
+    submitted. Slurm opens a job's log as the job starts, which on an idle cluster can be before submitit would
+    have made a per-job folder (jobs/%j): the job then fails at once, with no log."""
+    folder = paths.jobs_dir(rdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _submit(launcher: str, folder: Path, name: str, slurm: dict | None, fn, *args):
+    executor = submitit.AutoExecutor(folder=folder, cluster=launcher)
+    executor.update_parameters(name=name, **(slurm or {}))
+    with contextlib.redirect_stderr(StringIO()):     # submitit echoes sbatch's stderr; _rejected says it once
+        return executor.submit(fn, *args)
 
 
 def _reattach(record: Path, folder: Path, cfg_hash: str, tasks: int):
@@ -124,18 +214,50 @@ def _reattach(record: Path, folder: Path, cfg_hash: str, tasks: int):
     if saved.get("launcher") != "slurm" or saved.get("config_hash") != cfg_hash:
         return None
     job = submitit.SlurmJob(folder=folder, job_id=saved["job_id"], tasks=range(tasks))
-    state = job.get_info(mode="force").get("State", "UNKNOWN").split()[0]
-    return job if state in LIVE_STATES else None
+    return job if _state(job) in LIVE_STATES else None
 
 
-def _wait(job, poll_s: float) -> None:
-    """Poll at a modest rate (one sacct call per poll); on failure raise JobFailed with the log's tail."""
+def _state(job) -> str:
+    return job.get_info(mode="force").get("State", "UNKNOWN").split()[0]
+
+
+def _logs(job) -> list[Path]:
+    return sorted(Path(job.paths.folder).glob(f"{job.job_id}_*_log.*"))
+
+
+def _never_ran(job, state: str) -> str | None:
+    """Why a finished Slurm job never ran its program (a node or its boot failed; or Slurm could not start it:
+    no log, no result), or None: it ran, and running it again would fail again."""
+    if state in NEVER_RAN:
+        return state
+    if state == "FAILED" and not _logs(job) and not job.paths.result_pickle.exists():
+        return f"{state}, no log"
+    return None
+
+
+def _wait(job, poll_s: float, asks: str) -> None:
+    """Poll at a modest rate (one sacct call per poll): after 1 s, then ever less often, up to every poll_s (a
+    2-minute toy job is not kept waiting 30 s; a 2-day one asks sacct every 30 s). Says once, in one line, when
+    Slurm keeps the job pending because its partition cannot hold what it `asks` (Slurm does not refuse those)."""
+    delay, told = min(1.0, poll_s), False
     while not job.done(force_check=True):
-        time.sleep(poll_s)
+        if not told and job.get_info(mode="cache").get("State") == "PENDING":
+            reason = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%r"], capture_output=True,
+                                    text=True).stdout.strip()
+            if reason in CANNOT_START or "PerJob" in reason:
+                print(f"cmbench: job {job.job_id} waits for what its partition cannot give ({reason}): {asks}",
+                      file=sys.stderr)
+                told = True
+        time.sleep(delay)
+        delay = min(2 * delay, poll_s)
+
+
+def _results(job) -> None:
+    """Every task's result (a training job may run one task per rank); on failure JobFailed with the log's tail."""
     try:
-        job.results()      # every task's (a training job may run one task per rank)
+        job.results()
     except Exception as e:
-        logs = sorted(Path(job.paths.folder).glob(f"{job.job_id}_*_log.err"))
+        logs = [log for log in _logs(job) if log.suffix == ".err"]
         tail = "\n".join(ln for log in logs for ln in log.read_text().splitlines()[-30:])
         raise JobFailed(f"job {job.job_id} failed: {type(e).__name__}; log tail "
                         f"({', '.join(map(str, logs))}):\n{tail}") from None
@@ -147,27 +269,41 @@ def launch(stage: str, rdir: str | Path, nfe: int | None, launcher: str, launch_
     cfg = load_run_config(rdir)       # a missing or damaged config.json fails here, before anything is submitted
     if launcher == "inline":
         return run_stage(stage, str(rdir), nfe, metric)
-    jobs = paths.jobs_dir(rdir)
-    jobs.mkdir(parents=True, exist_ok=True)
-    folder, record = jobs / "%j", jobs / f"{job_name(stage, nfe, metric)}.json"
-    slurm = _slurm_parameters(launch_cfg, job_kind(stage, cfg)) if launcher == "slurm" else None
-    tasks = slurm["tasks_per_node"] if slurm else 1
+    folder = job_folder(rdir)
+    record, kind = folder / f"{job_name(stage, nfe, metric)}.json", job_kind(stage, cfg)
+    facts = launch_cfg.job(cfg.run.suite, kind) if launcher == "slurm" else None
+    slurm = _slurm_parameters(facts, kind) if facts else None
+    tasks = slurm["nodes"] * slurm["tasks_per_node"] if slurm else 1
     job = _reattach(record, folder, cfg.content_hash, tasks) if slurm else None
     if job is not None:
         print(f"cmbench: re-attaching to job {job.job_id} ({record})", file=sys.stderr)
-    else:
-        executor = submitit.AutoExecutor(folder=folder, cluster=launcher)
-        executor.update_parameters(name=f"cmbench-{cfg.run.variant}-{job_name(stage, nfe, metric)}")
-        if slurm:
-            executor.update_parameters(**slurm)
-        job = executor.submit(StageJob(), stage, str(rdir), nfe, metric)
-        io.write_json(record, {"job_id": job.job_id, "launcher": launcher, "config_hash": cfg.content_hash,
-                               "submitted": time.time()}, indent=None)
-        print(f"cmbench: submitted job {job.job_id} ({record})", file=sys.stderr)
-    if launcher == "slurm":
-        _wait(job, launch_cfg.poll_s)
-    else:
-        job.results()
+    for attempt in range(RESUBMITS + 1):
+        if job is None:
+            try:
+                job = _submit(launcher, folder, f"cmbench-{cfg.run.variant}-{job_name(stage, nfe, metric)}", slurm,
+                              StageJob(), stage, str(rdir), nfe, metric)
+            except FailedJobError as e:
+                raise _rejected(e, kind, cfg.run.suite, facts) from None
+            io.write_json(record, {"job_id": job.job_id, "launcher": launcher, "config_hash": cfg.content_hash,
+                                   "submitted": time.time()}, indent=None)
+            print(f"cmbench: submitted job {job.job_id} ({record})", file=sys.stderr)
+        if launcher != "slurm":
+            break
+        _wait(job, launch_cfg.poll_s, f"the {kind} job asks {_asks(facts)} (launch config: "
+                                      f"suites.{cfg.run.suite}.{kind}, else jobs.{kind})")
+        state = _state(job)
+        if state == "CANCELLED":      # by hand or by an administrator: no result will come, and it is not ours to redo
+            raise JobFailed(f"job {job.job_id} ({kind}) was cancelled (sacct -j {job.job_id})")
+        why = _never_ran(job, state)
+        if why is None:
+            break
+        if attempt == RESUBMITS:
+            raise JobFailed(f"job {job.job_id} ({kind}) failed before it ran ({why}), {RESUBMITS + 1} times in a "
+                            f"row: the cluster cannot start it (sacct -j {job.job_id}; slurmd's log)")
+        print(f"cmbench: job {job.job_id} ({kind}) failed before it ran ({why}): submitting it again "
+              f"({attempt + 1} of {RESUBMITS})", file=sys.stderr)
+        job = None
+    _results(job)
     if stage == "sample" and tasks > 1:
         from cmbench.sample import merge_shards
         merge_shards(rdir, nfe, tasks)

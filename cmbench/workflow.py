@@ -194,10 +194,11 @@ def check_ranks(cfg: RunConfig, launch_cfg: LaunchConfig, launch_config: str) ->
     train.batch_per_device: checked while planning, not when the job starts (cmbench.train.loop.micro_batches)."""
     from cmbench.launch import _slurm_parameters, job_kind      # imports submitit: only for the slurm launcher
     from cmbench.train.loop import micro_batches
-    job = _slurm_parameters(launch_cfg, job_kind("train", cfg))
+    kind = job_kind("train", cfg)
+    job = _slurm_parameters(launch_cfg.job(cfg.run.suite, kind), kind)
     ranks = job["tasks_per_node"] * job["nodes"]
     try:
         micro_batches(cfg.train.batch, cfg.train.batch_per_device, 0, ranks)
     except ConfigError as e:
         raise ConfigError(f"config {cfg.run.suite}/{cfg.run.dataset}/{cfg.run.variant}/s{cfg.run.seed}: {e} "
-                          f"(the {ranks} rank(s) of a {job_kind('train', cfg)} job in {launch_config})") from None
+                          f"(the {ranks} rank(s) of a {kind} job of suite {cfg.run.suite} in {launch_config})") from None

@@ -35,8 +35,8 @@ ClusterName=localcluster
 SlurmctldHost=${NODE}(127.0.0.1)
 AuthType=auth/munge
 CredType=cred/munge
-# a requeued job waits cred_expire seconds before it may start again (default 120 s)
-AuthInfo=cred_expire=${SLURM_CRED_EXPIRE:-10}
+# a requeued job waits cred_expire seconds before it may start again (default 120 s; 5 is the least)
+AuthInfo=cred_expire=${SLURM_CRED_EXPIRE:-5}
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=/var/spool/slurmctld
@@ -51,7 +51,8 @@ DefMemPerCPU=${SLURM_DEF_MEM_PER_CPU:-1000}
 # trust the CPUs= below even if it exceeds the real core count (lets 1-CPU jobs share 2 cores)
 SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
+# sched_interval: the main scheduler also starts a requeued job once its begin time passes (default every 60 s)
+SchedulerParameters=bf_interval=1,sched_interval=2
 MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2

@@ -3,10 +3,12 @@
 Skipped where no cluster answers, unless CMBENCH_REQUIRE_SLURM=1 (CI sets it, so there they must run)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,7 +111,7 @@ def test_requeued_job_resumes_bit_identical(tmp_path):
     assert proc.returncode == 0, err
     states = sacct(job_id)
     assert "REQUEUED" in states and states[-1] == "COMPLETED", states
-    log = (tmp_path / "runs/toy/gauss1d/ict/s0/jobs" / job_id / f"{job_id}_0_log.err").read_text()
+    log = (tmp_path / "runs/toy/gauss1d/ict/s0/jobs" / f"{job_id}_0_log.err").read_text()
     assert "resuming" in log
     assert_same_weights(tmp_path / "runs/toy/gauss1d/ict/s0/final.pt", inline_final(tmp_path, LONG))
 
@@ -138,7 +140,9 @@ def test_job_failing_on_the_node_fails_the_launch_with_its_log(tmp_path):
                        capture_output=True, text=True, env=ENV)
     assert r.returncode != 0
     assert "cmbench: error: job" in r.stderr and "failed" in r.stderr and "log tail" in r.stderr
-    assert "UnpicklingError" in r.stderr or "Error" in r.stderr.split("log tail")[1]
+    assert re.match(r"[\w.]+: ", r.stderr.strip().splitlines()[-1])   # the job's own exception, from its log
+    assert "submitting it again" not in r.stderr                    # it ran: running it again would fail again
+    assert len(list((tmp_path / "runs/toy/gauss1d/ict/s0/jobs").glob("*_submission.sh"))) == 1
 
 
 def test_snakemake_profile_slurm_runs_the_suite_through_sbatch(tmp_path):
@@ -223,7 +227,7 @@ def test_killed_snakemake_reattaches_on_restart(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"re-attaching to job {job_id}" in (run / "logs" / "train.log").read_text()
-    submitted = [p.name for p in (run / "jobs").iterdir() if p.is_dir()]   # one folder per submitted job
+    submitted = [p.name.split("_")[0] for p in (run / "jobs").glob("*_submission.sh")]   # one per submitted job
 
     def name(j):
         return subprocess.run(["sacct", "-n", "-X", "-j", j, "-o", "JobName%40"], capture_output=True, text=True,
@@ -231,3 +235,129 @@ def test_killed_snakemake_reattaches_on_restart(tmp_path):
 
     assert [j for j in submitted if name(j) == "cmbench-ict-train"] == [job_id]   # one training job, not two
     assert sacct(job_id)[-1] == "COMPLETED"
+
+
+DEFAULT = REPO / "configs" / "launch" / "slurm.yaml"
+
+
+def facts(tmp_path, suites) -> Path:
+    """The default launch config with `suites` in place of its own."""
+    path = tmp_path / "facts.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(DEFAULT.read_text()), "suites": suites}))
+    return path
+
+
+def with_facts(cmd, path):
+    cmd[cmd.index(str(DEV))] = str(path)
+    return cmd
+
+
+def test_default_cluster_facts_run_a_toy_job_on_a_cpu_only_cluster(tmp_path):
+    """configs/launch/slurm.yaml as it comes: no GPU, one CPU, minutes."""
+    r = subprocess.run(with_facts(launch_cmd(tmp_path, sets=["train.steps=50"]), DEFAULT),
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    job_id = json.loads(record(tmp_path).read_text())["job_id"]
+    assert sacct(job_id) == ["COMPLETED"]
+    asked = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "ReqTRES%80,TimelimitRaw"], capture_output=True,
+                           text=True, check=True).stdout
+    assert "cpu=1," in asked and "gres" not in asked and int(asked.split()[-1]) <= 120
+
+
+def test_sbatch_rejection_is_one_line_naming_the_job_kind_and_the_rejected_option(tmp_path):
+    r = subprocess.run(with_facts(launch_cmd(tmp_path, sets=["train.steps=50"]),
+                                  facts(tmp_path, {"toy": {"train": {"gpus_per_node": 8}}})),
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("cmbench: error: sbatch rejected the train job of suite toy")
+    assert "gres" in r.stderr and "gpus_per_node=8" in r.stderr and "suites.toy.train" in r.stderr
+
+
+def test_idle_cluster_flooded_with_short_jobs_starts_every_one(tmp_path):
+    """Slurm opens a job's log as it starts: the folder must exist before sbatch (no per-job %j folder)."""
+    from cmbench.launch import _submit, job_folder
+    folder = job_folder(tmp_path / "run")
+    slurm = {"timeout_min": 5, "cpus_per_task": 1, "mem_gb": 0.25}
+    jobs = [_submit("slurm", folder, "cmbench-flood", slurm, os.getpid) for _ in range(30)]
+    for job in jobs:
+        script = Path(job.paths.submission_file).read_text()
+        logs = [Path(ln.split("=", 1)[1]) for ln in script.splitlines() if ln.startswith(("#SBATCH --output",
+                                                                                         "#SBATCH --error"))]
+        assert logs and all(log.parent == folder for log in logs), script
+    pids = [job.result() for job in jobs]
+    assert len(pids) == 30
+    assert all(sacct(job.job_id) == ["COMPLETED"] for job in jobs)
+
+
+def test_a_job_failing_before_it_runs_is_resubmitted_at_most_twice(tmp_path, monkeypatch, capsys):
+    """A job whose log Slurm cannot open fails at second 0 with no log (as in the %j folder race)."""
+    from cmbench import launch
+    from cmbench.config import load_launch_config
+    from cmbench.errors import JobFailed
+    rdir = launch_cmd(tmp_path, sets=["train.steps=50"])[-1]
+    submit, broken = launch._submit, []
+
+    def unopenable_log_first(n):
+        def wrapped(launcher, folder, name, slurm, fn, *args):
+            nowhere = {"output": "/nonexistent/%j.out", "error": "/nonexistent/%j.err"}
+            job = submit(launcher, folder, name, {**slurm, "slurm_additional_parameters": nowhere}
+                         if len(broken) < n else slurm, fn, *args)
+            broken.append(job.job_id)
+            return job
+        return wrapped
+
+    monkeypatch.setattr(launch, "_submit", unopenable_log_first(1))
+    launch.launch("train", rdir, None, "slurm", load_launch_config(DEV))
+    err = capsys.readouterr().err
+    assert f"job {broken[0]} (train) failed before it ran (FAILED, no log): submitting it again (1 of 2)" in err
+    assert sacct(broken[0]) == ["FAILED"] and sacct(broken[1]) == ["COMPLETED"] and len(broken) == 2
+    assert (Path(rdir) / "final.pt").exists()
+
+    broken.clear()
+    monkeypatch.setattr(launch, "_submit", unopenable_log_first(10))
+    with pytest.raises(JobFailed) as e:
+        launch.launch("sample", rdir, 1, "slurm", load_launch_config(DEV))
+    assert len(broken) == 3 and capsys.readouterr().err.count("failed before it ran") == 2
+    assert f"job {broken[-1]} (sample) failed before it ran (FAILED, no log), 3 times in a row" in str(e.value)
+
+
+def test_preemption_signal_checkpoints_the_last_whole_step_and_the_requeued_job_ends_bit_identical(tmp_path):
+    """submitit's signal (USR2, as Slurm sends it before a preemption or the time limit) mid-run: the job saves the
+    state after its last whole step, requeues itself and resumes there. No periodic checkpoint could help."""
+    sets = ["train.steps=3000", "train.batch=64", "train.checkpoint_every=100000", "train.log_every=100"]
+    proc = subprocess.Popen(launch_cmd(tmp_path, sets=sets), stderr=subprocess.PIPE, text=True, env=ENV)
+    run = tmp_path / "runs/toy/gauss1d/ict/s0"
+    wait_for(lambda: (run / "stats.jsonl").exists() and len((run / "stats.jsonl").read_text().splitlines()) >= 5)
+    job_id = json.loads(record(tmp_path).read_text())["job_id"]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)   # to the job's tasks, as Slurm's --signal does
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    states = sacct(job_id)
+    assert "REQUEUED" in states and states[-1] == "COMPLETED", states
+    log = (run / "jobs" / f"{job_id}_0_log.err").read_text()
+    signalled, saved = map(int, re.search(r"preemption signal during step (\d+): checkpointed the state after "
+                                          r"(\d+) steps", log).groups())
+    assert 500 <= signalled < saved <= signalled + 1 < 3000        # the step in progress completes; no step lost
+    assert f"from ckpt-{saved:09d}.pt (step {saved})" in log       # the requeued job resumed there
+    assert_same_weights(run / "final.pt", inline_final(tmp_path, sets))
+
+
+def test_a_job_its_partition_cannot_hold_is_named_in_one_line_while_it_waits(tmp_path):
+    """Slurm takes a 2-node job on a 1-node cluster and keeps it pending for ever (PartitionNodeLimit)."""
+    proc = subprocess.Popen(with_facts(launch_cmd(tmp_path, sets=["train.steps=50"]),
+                                       facts(tmp_path, {"toy": {"train": {"nodes": 2}}})),
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    watchdog = threading.Timer(60, proc.kill)           # no note: readline would wait as long as the job pends
+    watchdog.start()
+    try:
+        lines = [proc.stderr.readline(), proc.stderr.readline()]
+    finally:
+        watchdog.cancel()
+        job_id = json.loads(record(tmp_path).read_text())["job_id"]
+        subprocess.run(["scancel", job_id], check=True)
+    _, rest = proc.communicate(timeout=60)
+    assert rest.strip() == f"cmbench: error: job {job_id} (train) was cancelled (sacct -j {job_id})"
+    assert f"cmbench: job {job_id} waits for what its partition cannot give (PartitionNodeLimit)" in lines[1]
+    assert "the train job asks" in lines[1] and "nodes=2" in lines[1] and "suites.toy.train" in lines[1]
+    assert proc.returncode != 0

@@ -195,7 +195,8 @@ def train(cfg: RunConfig, rdir: Path, progress: bool = True, on_step: Callable[[
     Idempotent: returns at once when the final file of this config exists. On several ranks (WORLD_SIZE > 1)
     each computes its shard of the global batch, gradients are summed, and only rank 0 writes.
     on_step(k) is called as step k starts (and with k = steps after the last), on_save(k, seconds) after each
-    checkpoint write: how benchmarks time the loop from outside.
+    checkpoint write: how benchmarks time the loop from outside. When on_step(k) returns True, the state after
+    k steps is checkpointed before step k runs (a preemption: cmbench.launch).
     Rank 0 holds the run dir's lock throughout (checkpoint.run_lock): a second trainer, or a sampler, of the
     same run dir stops with one line instead of interleaving with this one."""
     rdir = Path(rdir)
@@ -243,10 +244,19 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=None if progress and main else True,
                desc=f"{cfg.run.variant}/{cfg.run.dataset}/s{cfg.run.seed}", mininterval=2, leave=False)
     parts = micro_batches(t.batch, t.batch_per_device, rank, world)
+
+    def save(done: int) -> None:
+        t0 = time.perf_counter()
+        checkpoint.save_atomic({**tr.state_dict(done), "stats_window": log.window()},
+                               checkpoint.ckpt_path(ckdir, done))
+        checkpoint.prune(ckdir, t.keep_checkpoints)
+        if on_save is not None:
+            on_save(done, time.perf_counter() - t0)
+
     with log:
         for step in bar:
-            if on_step is not None:
-                on_step(step)
+            if on_step is not None and on_step(step) and main and step > start:
+                save(step)
             loss, grad_norm = tr.step(step, parts, world)
             done = step + 1
             log.add(loss)
@@ -255,12 +265,7 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
                 bar.set_postfix(loss=f"{rec['loss']:.3g}")
             # the last step too: final.pt can then be rebuilt without training (Snakemake deletes a re-run job's outputs)
             if main and (done % t.checkpoint_every == 0 or done == t.steps):
-                t0 = time.perf_counter()
-                checkpoint.save_atomic({**tr.state_dict(done), "stats_window": log.window()},
-                                       checkpoint.ckpt_path(ckdir, done))
-                checkpoint.prune(ckdir, t.keep_checkpoints)
-                if on_save is not None:
-                    on_save(done, time.perf_counter() - t0)
+                save(done)
     if on_step is not None:
         on_step(t.steps)
     distributed.barrier(world)
