@@ -134,7 +134,7 @@ def test_analytic_teacher_is_the_exact_denoiser():
     ("edm", {"precond": {"name": "cm"}}, "needs precond 'edm'"),
     ("cd", {"precond": {"name": "edm"}}, "needs precond 'cm'"),
     ("ect", {"teacher": {"variant": None}}, "needs teacher.variant"),
-    ("cd", {"teacher": {"source": "analytic", "init_student": True}}, "takes neither"),
+    ("cd", {"teacher": {"source": "analytic", "init_student": True}}, "takes no teacher.variant, init_student or hash"),
     ("direct_cm", {"loss": {"mu": 0.5}}, "mu"),
     ("scd", {"teacher": {"source": "run", "variant": "edm", "init_student": True}}, "trigflow_net 'edm'"),
 ])
