@@ -72,6 +72,10 @@ class Plan:
         launch_config = str(config.get("launch_config", Path(configs) / "launch" / "slurm.yaml"))
         if launcher == "slurm":
             launch_cfg = load_launch_config(launch_config)      # a bad cluster file fails here, before any job
+            unknown = sorted(set(launch_cfg.suites) - set(exp.suites))    # a misspelt suite would be silently unused
+            if unknown:
+                raise ConfigError(f"{launch_config}: suites.{unknown[0]} is not a suite of {exp.root}/experiment.yaml "
+                                  f"(known: {', '.join(sorted(exp.suites))})")
             for cfg in [*runs.values(), *teachers.values()]:
                 check_ranks(cfg, launch_cfg, launch_config)
         fuse = config.get("fuse", launcher == "inline")

@@ -58,6 +58,15 @@ def test_a_bad_suite_entry_is_one_line_naming_its_key(tmp_path, suites, named):
     assert named in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_misspelt_suite_in_the_cluster_facts_stops_the_plan(tmp_path):
+    from cmbench.workflow import Plan
+    path = tmp_path / "facts.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(DEFAULT.read_text()), "suites": {"cifr10": {"train": {"nodes": 2}}}}))
+    with pytest.raises(ConfigError, match="suites.cifr10 is not a suite of .*known: cifar10") as e:
+        Plan.from_snakemake({"configs": str(REPO / "configs"), "launcher": "slurm", "launch_config": str(path)})
+    assert "\n" not in str(e.value)
+
+
 def test_a_job_kind_missing_from_the_cluster_facts_is_named(tmp_path):
     data = yaml.safe_load(DEFAULT.read_text())
     del data["jobs"]["sample"]
