@@ -73,10 +73,10 @@ def truncate_stats(path: Path, start_step: int) -> None:
 def micro_batches(batch: int, per_device: int | None, rank: int, world: int) -> list[slice]:
     """This rank's slices of the global batch: an equal share, cut into micro-batches of `per_device`."""
     share = batch // world
+    if batch % world or (per_device and share % per_device):
+        parts = f" × micro-batches of train.batch_per_device {per_device}" if per_device else " (equal shares)"
+        raise ConfigError(f"train.batch {batch} does not split into {world} rank(s){parts}")
     per_device = per_device or share
-    if batch % world or share % per_device:
-        raise ConfigError(f"train.batch {batch} does not split into {world} rank(s) × micro-batches of "
-                          f"train.batch_per_device {per_device}")
     return [slice(lo, lo + per_device) for lo in range(rank * share, (rank + 1) * share, per_device)]
 
 
