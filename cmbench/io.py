@@ -64,10 +64,11 @@ def save_torch(path: str | Path, obj) -> Path:
     return atomic_write(path, write)
 
 
-def set_aside(path: str | Path) -> Path:
-    """Rename a damaged file out of the way, never deleting it: PATH.damaged-<UTC time>. Returns the new name."""
+def set_aside(path: str | Path, suffix: str | None = None) -> Path:
+    """Rename a damaged file out of the way, never deleting it: PATH + suffix (default .damaged-<UTC time>).
+    Returns the new name."""
     path = Path(path)
-    aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}")
+    aside = path.with_name(path.name + (suffix or f".damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}"))
     os.replace(path, aside)
     return aside
 

@@ -65,9 +65,8 @@ def read_records(path: str | Path) -> list[dict]:
 
 def set_aside(path: Path, why: str) -> None:
     """Move a corrupt cached file out of the way (kept for inspection as *.corrupt) so that it is rebuilt."""
-    aside = path.with_name(path.name + ".corrupt")
     try:
-        path.replace(aside)
+        aside = io.set_aside(path, ".corrupt")
     except FileNotFoundError:   # another evaluation set it aside first
         return
     print(f"cmbench: {path}: corrupt cached reference ({why}); set aside as {aside.name}, rebuilding it",
