@@ -122,6 +122,19 @@ SPLIT_STAGES = ("train", "sample")             # the stages a job may split over
 SPLIT_KINDS = ("teacher", "train", "sample")    # their job kinds
 
 
+def stage_outputs(stage: str, rdir: Path, nfe: int | None, metric: str, tasks: int) -> list[Path]:
+    """The files a stage's job leaves (what the Snakefile rule declares; a split sample job: its shards)."""
+    if stage == "reference":
+        from cmbench.metrics.evaluate import reference_path
+        return [reference_path(load_run_config(rdir), nfe, paths.results_of(rdir), metric)]
+    return {"train": lambda: [paths.final_weights(rdir)],
+            "sample": lambda: ([paths.samples_shard(rdir, nfe, k, tasks) for k in range(tasks)] if tasks > 1
+                               else [paths.samples_file(rdir, nfe)]),
+            "evaluate": lambda: [paths.metrics_file(rdir, nfe, metric)],
+            "collect": lambda: [paths.records_file(rdir)],
+            "run": lambda: [paths.final_weights(rdir), paths.records_file(rdir)]}[stage]()
+
+
 def run_stage(stage: str, rdir: str, nfe: int | None, metric: str = "data") -> None:
     """The job function (importable, so submitit can pickle it). Takes the run directory, whose config.json
     (written when the workflow was planned) is all a stage reads. The run dir's lock is taken here, inside the
@@ -275,9 +288,11 @@ def launch(stage: str, rdir: str | Path, nfe: int | None, launcher: str, launch_
     slurm = _slurm_parameters(facts, kind) if facts else None
     tasks = slurm["nodes"] * slurm["tasks_per_node"] if slurm else 1
     job = _reattach(record, folder, cfg.content_hash, tasks) if slurm else None
-    if job is not None:
+    reattached = job is not None
+    if reattached:
         print(f"cmbench: re-attaching to job {job.job_id} ({record})", file=sys.stderr)
-    for attempt in range(RESUBMITS + 1):
+    attempt = 0
+    while True:
         if job is None:
             try:
                 job = _submit(launcher, folder, f"cmbench-{cfg.run.variant}-{job_name(stage, nfe, metric)}", slurm,
@@ -295,6 +310,13 @@ def launch(stage: str, rdir: str | Path, nfe: int | None, launcher: str, launch_
         if state == "CANCELLED":      # by hand or by an administrator: no result will come, and it is not ours to redo
             raise JobFailed(f"job {job.job_id} ({kind}) was cancelled (sacct -j {job.job_id})")
         why = _never_ran(job, state)
+        if state == "COMPLETED" and reattached and not all(p.exists() for p in stage_outputs(stage, rdir, nfe, metric, tasks)):
+            # Snakemake removes the outputs of a job it did not see finish just before it runs the rule again: the
+            # job we re-attached to may have written them before that, while Slurm still listed it as running
+            print(f"cmbench: job {job.job_id} ({kind}) ended but its outputs are gone (removed by the restarted "
+                  f"workflow): submitting it again", file=sys.stderr)
+            job, reattached = None, False
+            continue
         if why is None:
             break
         if attempt == RESUBMITS:
@@ -302,7 +324,7 @@ def launch(stage: str, rdir: str | Path, nfe: int | None, launcher: str, launch_
                             f"row: the cluster cannot start it (sacct -j {job.job_id}; slurmd's log)")
         print(f"cmbench: job {job.job_id} ({kind}) failed before it ran ({why}): submitting it again "
               f"({attempt + 1} of {RESUBMITS})", file=sys.stderr)
-        job = None
+        job, attempt = None, attempt + 1
     _results(job)
     if stage == "sample" and tasks > 1:
         from cmbench.sample import merge_shards

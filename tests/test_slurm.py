@@ -133,6 +133,28 @@ def test_restarted_launch_reattaches_instead_of_resubmitting(tmp_path):
     assert mine == [job_id]                                               # one job for this run, not two
 
 
+def test_a_reattached_job_that_ends_without_its_outputs_is_run_again(tmp_path):
+    """A restarted Snakemake removes the outputs of a job it did not see finish, then runs the rule: the job the
+    launch re-attaches to may have written them just before, while Slurm still listed it as running (seen in CI).
+    Here the recorded job is a stand-in that writes nothing (and outlasts the launch's start-up): the launch notices
+    and runs the stage again."""
+    cmd = launch_cmd(tmp_path, sets=["train.steps=50"])
+    rdir = Path(cmd[-1])
+    stand_in = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 10"], capture_output=True,
+                              text=True, check=True).stdout.strip().split(";")[0]
+    wait_for(lambda: subprocess.run(["sacct", "-n", "-X", "-j", stand_in, "-o", "State"], capture_output=True,
+                                    text=True).stdout.split() == ["RUNNING"])      # accounting lags a new job
+    content_hash = json.loads((rdir / "config.json").read_text())["content_hash"]
+    record(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+    record(tmp_path).write_text(json.dumps({"job_id": stand_in, "launcher": "slurm", "config_hash": content_hash}))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert f"re-attaching to job {stand_in}" in r.stderr
+    assert f"job {stand_in} (train) ended but its outputs are gone" in r.stderr
+    again = json.loads(record(tmp_path).read_text())["job_id"]
+    assert again != stand_in and sacct(again) == ["COMPLETED"] and (rdir / "final.pt").exists()
+
+
 def test_job_failing_on_the_node_fails_the_launch_with_its_log(tmp_path):
     bad = tmp_path / "weights.pt"
     bad.write_bytes(b"not a checkpoint")           # exists where the config is checked; unreadable on the node
