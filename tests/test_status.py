@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from io import StringIO
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,19 @@ def test_training_without_a_terminal_logs_a_progress_line_per_interval(suite, tm
     stats = io.read_jsonl(paths.stats_file(teacher))[0]        # log_every 1: each line's loss is one step's
     assert [m[4] for m in lines] == [f"{s['loss']:.3g}" for s in stats]
     assert "\r" not in text          # no tqdm bar
+
+
+class Terminal(StringIO):
+    def isatty(self):
+        return True
+
+
+def test_training_on_a_terminal_keeps_the_bar_and_logs_no_progress_line(suite, tmp_path, monkeypatch):
+    configs, _ = suite
+    plan = Plan.from_snakemake({"suite": "tiny", "configs": str(configs), "results": str(tmp_path),
+                                "set": SETS + ["train.progress_seconds=0"]})
+    (teacher, cfg), = plan.teacher_runs.items()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    loop.train(cfg, teacher)
+    shown = sys.stderr.getvalue()
+    assert "| 0/20 [" in shown and "cmbench: step" not in shown      # tqdm's bar (2 s refresh: a 0.2 s run shows 0)
