@@ -80,6 +80,12 @@ def cmd_settings(a):
     print(settings_table(a.suite, a.configs, a.paper_settings, a.scale))
 
 
+def cmd_status(a):
+    from cmbench.status import as_json, suite_status, table
+    rows = suite_status(a.suite, a.configs, a.results, a.scale, a.set)
+    print(as_json(rows) if a.json else table(rows))
+
+
 def parser() -> argparse.ArgumentParser:
     from cmbench.config import LAUNCHERS
     from cmbench.launch import STAGES
@@ -135,6 +141,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-settings", default=None,
                    help="the papers' values (default: CONFIGS/paper_settings.yaml)")
     p.set_defaults(func=cmd_settings)
+    p = sub.add_parser("status", help="one line per run of a suite: stage, step / total, steps per second, ETA, "
+                       "last logged loss, Slurm job and state (reads the run dirs and sacct; changes nothing)")
+    p.add_argument("--suite", default="toy")
+    p.add_argument("--scale", default=None, help="configs/scales/<SCALE>.yaml, as the workflow was run with")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="an override the workflow was run with (only for runs not planned yet); repeatable")
+    p.add_argument("--configs", default="configs", help="config directory (default: %(default)s)")
+    p.add_argument("--results", default=None, help="results directory (default: the workflow's, results or "
+                   "results/scale-SCALE)")
+    p.add_argument("--json", action="store_true", help="the rows as JSON")
+    p.set_defaults(func=cmd_status)
     return ap
 
 

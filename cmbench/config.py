@@ -238,6 +238,8 @@ class Train(Strict):
     checkpoint_every: Steps = 1000
     keep_checkpoints: PosInt = 2
     log_every: Steps = 100
+    # seconds between progress lines on stderr when no terminal shows tqdm's bar (a job's log); 0: every step
+    progress_seconds: Annotated[float, Field(ge=0)] = 30.0
     threads: PosInt = 1                 # torch intra-op threads; two 1-thread runs beat one 2-thread run on toys
     init_from: Annotated[FilePath, Field(strict=False)] | None = None   # a checkpoint whose EMA weights start this run
 
@@ -399,7 +401,8 @@ class RunConfig(Strict):
 # how a run is carried out (cores, memory per device, how often it saves and logs), not what it computes: a run
 # resumed or re-planned with other values goes on (bit-identical, or within float round-off for the batch splits;
 # samples and features do not depend on their batch size, DESIGN.md property 5), so no hash covers them
-RESOURCES = {"train": ("batch_per_device", "threads", "checkpoint_every", "keep_checkpoints", "log_every"),
+RESOURCES = {"train": ("batch_per_device", "threads", "checkpoint_every", "keep_checkpoints", "log_every",
+                       "progress_seconds"),
              "sample": ("batch",)}
 
 

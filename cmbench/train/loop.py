@@ -18,6 +18,7 @@ from cmbench.config import ConfigError, RunConfig, write_run_config
 from cmbench.data import make_data
 from cmbench.errors import DamagedFile, TrainingDiverged
 from cmbench.nets import build_model
+from cmbench.status import ProgressLine
 from cmbench.teacher import build_teacher
 from cmbench.draws import Draws
 from cmbench.train import distributed
@@ -243,6 +244,8 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
     log = StatsLog(stats_path if main else None, window)
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=None if progress and main else True,
                desc=f"{cfg.run.variant}/{cfg.run.dataset}/s{cfg.run.seed}", mininterval=2, leave=False)
+    # a log with no terminal (tqdm turned its bar off) gets a line every train.progress_seconds instead
+    line = ProgressLine(start, t.steps, t.progress_seconds) if bar.disable and progress and main else None
     parts = micro_batches(t.batch, t.batch_per_device, rank, world)
 
     def save(done: int) -> None:
@@ -260,6 +263,8 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
             loss, grad_norm = tr.step(step, parts, world)
             done = step + 1
             log.add(loss)
+            if line is not None:
+                line.add(done, loss)
             if done % t.log_every == 0 or done == t.steps:
                 rec = log.write(step, grad_norm, lr=tr.opt.param_groups[0]["lr"], **tr.loss_fn.stats(step))
                 bar.set_postfix(loss=f"{rec['loss']:.3g}")
