@@ -14,7 +14,6 @@ from regen_golden import FIXTURES
 from cmbench.metrics.keys import NEAR_MODE, ODE_ERROR, SLICED_W2, W2
 from cmbench.report import budget, report_outputs
 from cmbench.report.records import load_records
-from cmbench.report.tables import write_csv
 
 BATCH = 100
 FLOPS_PER_STEP = {"edm": None, "cd": 3e9, "ict": 2e9}     # the teacher has no FLOP estimate
@@ -32,8 +31,9 @@ VALUES = {
                                                  500: [0.25, 0.25]},
     ("gauss1d", "cd", 1, W2, 0.125): {100: [1, 1], 200: [0.25, 0.25]},
     ("gauss1d", "ict", 1, W2, 0.125): {100: [0.5, 0.5], 200: [0.5, 0.5]},
-    ("gauss1d", "cd", 1, ODE_ERROR, None): {100: [1, 1], 200: [0.5, 0.5]},
-    ("gauss1d", "ict", 1, ODE_ERROR, None): {100: [1, 1], 200: [0.5, 0.5]},
+    ("gauss1d", "cd", 1, ODE_ERROR, 0.0): {100: [1, 1], 200: [0.5, 0.5]},      # one exact step: no error
+    ("gauss1d", "ict", 1, ODE_ERROR, 0.0): {100: [1, 1], 200: [0.5, 0.5]},
+    ("gauss1d", "cd", 2, ODE_ERROR, None): {100: [1, 1], 200: [1, 1]},         # re-noised: no ideal
 }
 
 
@@ -79,7 +79,7 @@ def test_matched_budget_holds_every_variant_at_the_common_image_counts(df):
     assert budget.common_images(c) == {"ring2d": [20_000, 30_000], "gauss1d": [10_000, 20_000]}
     m = budget.matched_budget(c).set_index(["dataset", "key", "nfe", "variant", "images"])
     # every (variant, NFE, metric) of ring2d at both common counts, and nothing else
-    assert len(m.loc["ring2d"]) == 2 * 7 and len(m.loc["gauss1d"]) == 2 * 4
+    assert len(m.loc["ring2d"]) == 2 * 7 and len(m.loc["gauss1d"]) == 2 * 5
     for (dataset, variant, nfe, metric, _), steps in VALUES.items():
         for step in (200, 300) if dataset == "ring2d" else (100, 200):
             row = m.loc[(dataset, metric, nfe, variant, step * BATCH)]
@@ -95,7 +95,7 @@ def test_matched_budget_tables_show_the_cells_and_the_seed_count(df, tmp_path):
     assert paths == [p for p in report_outputs("budget", tmp_path, tmp_path / "plots")
                      if p.parent == tmp_path and p.name.startswith(("budget_", "images_to_reach_"))]
     csv = pd.read_csv(paths[0])
-    assert set(csv["images"]) == {10_000, 20_000, 30_000} and len(csv) == 2 * 7 + 2 * 4
+    assert set(csv["images"]) == {10_000, 20_000, 30_000} and len(csv) == 2 * 7 + 2 * 5
     md = paths[1].read_text()
     # cd at 20,000 images: seeds 2 and 3 → 2.5 ± 0.71; edm has one column per common count, not 10,000
     assert "| variant | metric | NFE | seeds | 20,000 images | 30,000 images |" in md
@@ -119,11 +119,12 @@ def test_images_to_reach_is_the_first_checkpoint_that_meets_the_threshold(df):
     assert (row["threshold"], row["rule"], row["reach"], row["images"]) == (0.375, "edm final (NFE 35) ÷ 2", "≥",
                                                                             20_000)
     assert r.loc[("ring2d", NEAR_MODE, 1, "ict"), "images"] == budget.NOT_REACHED
-    # gauss1d has no teacher: the ideal × 2 (0.25); ODE error has no ideal → n/a
+    # gauss1d has no teacher: the ideal × 2 (0.25); an ideal of 0, or none, sets no threshold
     row = r.loc[("gauss1d", W2, 1, "cd")]
     assert (row["threshold"], row["rule"], row["images"]) == (0.25, "ideal × 2", 20_000)
     assert r.loc[("gauss1d", W2, 1, "ict"), "images"] == budget.NOT_REACHED
-    assert r.loc[("gauss1d", ODE_ERROR, 1, "cd"), ["threshold", "rule", "images"]].tolist() == [budget.NA] * 3
+    for nfe in (1, 2):
+        assert r.loc[("gauss1d", ODE_ERROR, nfe, "cd"), ["threshold", "rule", "images"]].tolist() == [budget.NA] * 3
 
 
 def test_images_to_reach_table_states_its_rule(df, tmp_path):
