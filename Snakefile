@@ -36,12 +36,17 @@ LOGS = paths.logs_dir(RUN)
 report: "report/workflow.rst"
 
 BENCH, ODE, THEORY = f"Benchmark ({P.suite} suite)", "ODE error vs quality", "Theory study"
+BUDGET = "Quality against training budget"
 SHOWN = {  # output file name → (category, subcategory, caption file in report/)
     f"summary_{P.suite}.csv": (BENCH, "Tables", "summary.rst"),
     "records.csv": (BENCH, "Tables", "records.rst"),
     f"{P.suite}_metrics.png": (BENCH, "Plots", "metrics.rst"),
     f"{P.suite}_training.png": (BENCH, "Plots", "training.rst"),
     f"{P.suite}_fid_agreement.png": (BENCH, "Plots", "fid_agreement.rst"),
+    f"budget_{P.suite}.csv": (BUDGET, "Tables", "budget.rst"),
+    f"images_to_reach_{P.suite}.csv": (BUDGET, "Tables", "images_to_reach.rst"),
+    f"{P.suite}_budget_images.png": (BUDGET, "Plots", "budget_plot.rst"),
+    f"{P.suite}_budget_flops.png": (BUDGET, "Plots", "budget_plot.rst"),
     f"ode_vs_quality_{P.suite}.csv": (ODE, "Tables", "ode_vs_quality.rst"),
     f"ode_vs_quality_verdicts_{P.suite}.csv": (ODE, "Tables", "ode_vs_quality_verdicts.rst"),
     f"{P.suite}_ode_vs_quality.png": (ODE, "Plots", "ode_vs_quality_plot.rst"),

@@ -36,7 +36,9 @@ TABLES = ["tables/summary_toy.csv", "tables/records.csv", "tables/ode_vs_quality
           "studies/theory/theory_slopes.csv"]
 PLOTS = ["plots/toy_metrics.png", "plots/toy_training.png", "plots/toy_fid_agreement.png",
          "plots/toy_ode_vs_quality.png", "studies/theory/theory.png"]
-SHOWN = [f"results/{f}" for f in TABLES + PLOTS]          # what the report holds (the Snakefile's SHOWN)
+BUDGET = ["tables/budget_toy.csv", "tables/images_to_reach_toy.csv", "plots/toy_budget_images.png",
+          "plots/toy_budget_flops.png"]                   # quality against training budget
+SHOWN = [f"results/{f}" for f in TABLES + PLOTS + BUDGET]  # what the report holds (the Snakefile's SHOWN)
 # tables a reader reads: no cell may be blank or NaN
 READ = ["tables/summary_toy.csv", "tables/summary_toy.md", "tables/ode_vs_quality_toy.csv",
         "tables/ode_vs_quality_toy.md", "tables/ode_vs_quality_verdicts_toy.csv",
@@ -100,7 +102,7 @@ def test_html_report(tmp_path):
     results = tmp_path / "results"
 
     # both studies' tables and plots; real plots, not the placeholder of a study with nothing to show
-    for f in TABLES + PLOTS + ["studies/theory/theory_summary.md", "studies/theory/theory_summary.tex",
+    for f in TABLES + PLOTS + BUDGET + ["studies/theory/theory_summary.md", "studies/theory/theory_summary.tex",
                                "tables/ode_vs_quality_toy.md", "tables/ode_vs_quality_toy.tex"]:
         assert (results / f).stat().st_size > 0, f
     for f in PLOTS[:2] + PLOTS[3:]:

@@ -231,8 +231,12 @@ def test_report_outputs_depend_only_on_names():
         "results/tables/records.csv", "results/tables/summary_toy.csv", "results/tables/summary_toy.md",
         "results/tables/summary_toy.tex", "results/tables/ode_vs_quality_toy.csv",
         "results/tables/ode_vs_quality_toy.md", "results/tables/ode_vs_quality_toy.tex",
-        "results/tables/ode_vs_quality_verdicts_toy.csv", "results/plots/toy_metrics.png",
-        "results/plots/toy_training.png", "results/plots/toy_fid_agreement.png", "results/plots/toy_ode_vs_quality.png"]
+        "results/tables/ode_vs_quality_verdicts_toy.csv", "results/tables/budget_toy.csv",
+        "results/tables/budget_toy.md", "results/tables/budget_toy.tex", "results/tables/images_to_reach_toy.csv",
+        "results/tables/images_to_reach_toy.md", "results/tables/images_to_reach_toy.tex",
+        "results/plots/toy_metrics.png", "results/plots/toy_training.png", "results/plots/toy_fid_agreement.png",
+        "results/plots/toy_ode_vs_quality.png", "results/plots/toy_budget_images.png",
+        "results/plots/toy_budget_flops.png"]
 
 
 def _run_layout(root: Path) -> list[Path]:
@@ -261,7 +265,8 @@ def test_report_writes_every_output_with_plots(tmp_path, capsys):
     out = report_outputs("golden", tables_dir, plots_dir)
     assert capsys.readouterr().out.split() == [str(p) for p in out]          # what it wrote, in that order
     assert all(p.exists() and p.stat().st_size > 0 for p in out)
-    assert all(p.stat().st_size > 10_000 for p in out if p.suffix == ".png")   # real figures, not placeholders
+    assert all(p.stat().st_size > 10_000 for p in out         # real figures, not placeholders (the fixture records
+               if p.suffix == ".png" and "budget" not in p.name)   # carry no training budget: test_budget_report)
     assert not list((tmp_path / "results").rglob(".*tmp*"))                   # atomic writes left no temp file
     assert len(records.training_curves(records.load_records(files))) == len(files) * 10 * 2
     for name in TABLES:                                   # the same tables as from the flat fixture files

@@ -11,13 +11,19 @@ Outputs of one suite (`report_outputs`, a pure function of the suite name, so Sn
                                                 protocol-match flag beside them
     tables/ode_vs_quality_{suite}.{csv,md,tex}  ODE error vs sample quality per toy dataset, NFE and variant
     tables/ode_vs_quality_verdicts_{suite}.csv  does "Direct CM: lower ODE error, worse samples than CD" hold here?
+    tables/budget_{suite}.{csv,md,tex}          per dataset: every variant at the training-image counts that all
+                                                of them were evaluated at (matched budget)
+    tables/images_to_reach_{suite}.{csv,md,tex} training images and FLOPs each variant needed to reach the edm
+                                                teacher's final value × 2 (÷ 2 where higher is better)
     plots/{suite}_metrics.png                   metric vs NFE per variant
     plots/{suite}_training.png                  training curves from each run's stats.jsonl
     plots/{suite}_fid_agreement.png             torch-fidelity vs clean-fid on the same samples
     plots/{suite}_ode_vs_quality.png            ODE error vs sample quality (CD and Direct CM highlighted)
+    plots/{suite}_budget_{images,flops}.png     metric vs training images / FLOPs per variant, seeds as bands
 
 Modules: outputs (the file names), papers (configs/paper_numbers.yaml, validated), records (records → DataFrame),
-tables (summary, FID agreement, the table writer), claims (ODE error vs quality), plots, build (the job)."""
+tables (summary, FID agreement, the table writer), claims (ODE error vs quality), budget (quality against training
+budget), plots, build (the job)."""
 from __future__ import annotations
 
 from pathlib import Path

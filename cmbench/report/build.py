@@ -8,6 +8,7 @@ import pandas as pd
 
 from cmbench.config import ConfigError
 from cmbench.report import papers
+from cmbench.report.budget import plot_budget, write_budget_tables
 from cmbench.report.claims import DIRECT_CM_VS_CD, write_ode_vs_quality
 from cmbench.report.outputs import PLOTS, plot_file, records_csv
 from cmbench.report.plots import plot_fid_agreement, plot_metrics, plot_ode_vs_quality, plot_training
@@ -16,17 +17,20 @@ from cmbench.report.tables import write_csv, write_summary
 
 
 def write_tables(df: pd.DataFrame, suite: str, tables: str | Path, numbers: dict) -> list[Path]:
-    """records.csv, the summary and the ODE-error-vs-quality tables; numbers: `papers.primary_numbers`."""
+    """records.csv, the summary, the ODE-error-vs-quality and the training-budget tables; numbers:
+    `papers.primary_numbers`."""
     tables = Path(tables)
     records = write_csv(records_csv(tables), df.assign(mode=df["mode"].mask(df["mode"] == "")), na_rep="NA")
     return [records, *write_summary(df, suite, numbers, tables),
-            *write_ode_vs_quality(df, suite, tables, DIRECT_CM_VS_CD)]
+            *write_ode_vs_quality(df, suite, tables, DIRECT_CM_VS_CD), *write_budget_tables(df, suite, tables)]
 
 
 def write_plots(df: pd.DataFrame, suite: str, plots: str | Path) -> list[Path]:
     """The figures of outputs.PLOTS, in that order."""
     draw = {"metrics": plot_metrics, "training": plot_training, "fid_agreement": plot_fid_agreement,
-            "ode_vs_quality": lambda d, path: plot_ode_vs_quality(d, path, DIRECT_CM_VS_CD)}
+            "ode_vs_quality": lambda d, path: plot_ode_vs_quality(d, path, DIRECT_CM_VS_CD),
+            "budget_images": lambda d, path: plot_budget(d, path, "images"),
+            "budget_flops": lambda d, path: plot_budget(d, path, "train_flops")}
     out = [plot_file(plots, suite, name) for name in PLOTS]
     for name, path in zip(PLOTS, out):
         draw[name](df, path)

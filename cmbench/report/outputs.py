@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PLOTS = ("metrics", "training", "fid_agreement", "ode_vs_quality")
+PLOTS = ("metrics", "training", "fid_agreement", "ode_vs_quality", "budget_images", "budget_flops")
 
 
 def records_csv(tables: str | Path) -> Path:
@@ -23,6 +23,12 @@ def ode_vs_quality_files(tables: str | Path, suite: str) -> list[Path]:
             + [tables / f"ode_vs_quality_verdicts_{suite}.csv"])
 
 
+def budget_files(tables: str | Path, suite: str) -> list[Path]:
+    """The matched-budget table as CSV, Markdown and LaTeX, then images-to-reach as the same three."""
+    return [Path(tables) / f"{name}_{suite}.{ext}" for name in ("budget", "images_to_reach")
+            for ext in ("csv", "md", "tex")]
+
+
 def plot_file(plots: str | Path, suite: str, name: str) -> Path:
     return Path(plots) / f"{suite}_{name}.png"
 
@@ -30,4 +36,4 @@ def plot_file(plots: str | Path, suite: str, name: str) -> Path:
 def report_outputs(suite: str, tables: str | Path, plots: str | Path) -> list[Path]:
     """Every file `report` writes for a suite (Snakemake's rule outputs), in the order it writes them."""
     return ([records_csv(tables)] + summary_files(tables, suite) + ode_vs_quality_files(tables, suite)
-            + [plot_file(plots, suite, name) for name in PLOTS])
+            + budget_files(tables, suite) + [plot_file(plots, suite, name) for name in PLOTS])
