@@ -12,5 +12,8 @@ FID = "fid"                      # Fréchet Inception distance (cmbench.metrics.
 # the order of metrics in tables (FID first; keys other suites may add: fd_dinov2, fd_pixels)
 ORDER = (FID, "fd_dinov2", "fd_pixels", W2, FD, SLICED_W2, NEAR_MODE, MODE_COVERAGE_MIN, ODE_ERROR)
 
+# the metrics where a higher value is better (shares of samples near the modes); lower is better for every other
+HIGHER_IS_BETTER = (NEAR_MODE, MODE_COVERAGE_MIN)
+
 # FID backends, each reading the same sample file: torch-fidelity, and clean-fid in its two modes
 FID_SPECS = ("torch-fidelity", "clean-fid/legacy_tensorflow", "clean-fid/clean")
