@@ -331,7 +331,7 @@ def write_summary(df: pd.DataFrame, suite: str, papers: dict, tables: Path) -> l
     summary = summary_records(df, papers)
     md = [f"# cmbench summary: suite `{suite}`", "", *[f"- {x}" for x in LEGEND], ""]
     tex = [TEX_HEADER, f"% cmbench summary: suite {suite}", *[f"% {x}" for x in LEGEND], ""]
-    for dataset, s in summary[summary["headline"]].groupby("dataset", sort=True):
+    for dataset, s in summary[summary["headline"].astype(bool)].groupby("dataset", sort=True):   # bool: when empty
         note = _dataset_note(dataset, df[df["dataset"] == dataset], df)
         md += [f"## {dataset}", "", note, ""]
         tex.append(f"% {dataset}")
