@@ -39,7 +39,7 @@ BENCH, ODE, THEORY = f"Benchmark ({P.suite} suite)", "ODE error vs quality", "Th
 BUDGET = "Quality against training budget"
 SHOWN = {  # output file name → (category, subcategory, caption file in report/)
     f"summary_{P.suite}.csv": (BENCH, "Tables", "summary.rst"),
-    "records.csv": (BENCH, "Tables", "records.rst"),
+    f"records_{P.suite}.csv": (BENCH, "Tables", "records.rst"),
     f"{P.suite}_metrics.png": (BENCH, "Plots", "metrics.rst"),
     f"{P.suite}_training.png": (BENCH, "Plots", "training.rst"),
     f"{P.suite}_fid_agreement.png": (BENCH, "Plots", "fid_agreement.rst"),

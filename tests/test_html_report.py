@@ -31,7 +31,7 @@ SMALL = "train.steps=60 sample.n=500 evaluate.ref_n=500 evaluate.floor_repeats=2
 SUITE = {"variants": ["cd", "direct_cm", "ict"], "datasets": ["gauss1d", "ring2d"], "seeds": [0, 1]}
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
-TABLES = ["tables/summary_toy.csv", "tables/records.csv", "tables/ode_vs_quality_toy.csv",
+TABLES = ["tables/summary_toy.csv", "tables/records_toy.csv", "tables/ode_vs_quality_toy.csv",
           "tables/ode_vs_quality_verdicts_toy.csv", "studies/theory/theory.csv",
           "studies/theory/theory_slopes.csv"]
 PLOTS = ["plots/toy_metrics.png", "plots/toy_training.png", "plots/toy_fid_agreement.png",

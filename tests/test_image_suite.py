@@ -46,7 +46,7 @@ def test_digits_suite_end_to_end(tmp_path):
     small = "train.steps=20 sample.n=100 sample.batch=100 evaluate.floor_repeats=2"
     r = run_snakemake("--cores", "2", "--config", "suite=digits", f"results={tmp_path}", f"set={small}")
     assert r.returncode == 0, r.stderr[-3000:]
-    df = pd.read_csv(tmp_path / "tables" / "records.csv")
+    df = pd.read_csv(tmp_path / "tables" / "records_digits.csv")
     got = set(zip(df.variant, df.nfe, df.metric))
     assert got == {("ict", 1, "fd"), ("ict", 2, "fd"), ("cd", 1, "fd"), ("cd", 2, "fd"), ("edm", 35, "fd")}
     assert (df.value > 0).all() and (df.value > df.ideal).all() and (df.backend == "cmbench-pixels").all()

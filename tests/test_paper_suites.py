@@ -107,7 +107,7 @@ def test_paper_dag_plans_on_the_release_format(data, suite, tmp_path):
 def check_smoke_outputs(results: Path, suite: str) -> pd.DataFrame:
     """What a smoke DAG must leave: every variant's FID from all three backends at NFE 1 and 2 (the teacher at its
     Heun NFE) from one sample file each, and summary tables that put each beside the paper's number."""
-    df = pd.read_csv(results / "tables" / "records.csv")
+    df = pd.read_csv(results / "tables" / f"records_{suite}.csv")
     fids = df[df.metric == "fid"]
     teacher_nfe = 35 if suite == "cifar10" else 79
     got = set(zip(fids.variant, fids.nfe, fids.backend + "/" + fids["mode"].fillna("")))

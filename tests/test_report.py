@@ -22,7 +22,7 @@ from cmbench.cli import main
 from cmbench.config import ConfigError
 from cmbench.metrics.keys import ODE_ERROR
 from cmbench.report import papers as paper_numbers
-from cmbench.report import plots, records, report, report_outputs, tables
+from cmbench.report import build, plots, records, report, report_outputs, tables
 from cmbench.report.claims import DIRECT_CM_VS_CD, ode_vs_quality, write_ode_vs_quality
 from cmbench.report.papers import PROTOCOL_REQUIRED, STATUSES, load_paper_numbers, primary_numbers
 
@@ -133,7 +133,7 @@ def test_golden(golden_dir, name):
     assert got == (GOLDEN / name).read_bytes(), f"{name} differs from tests/golden (see this file's docstring)"
 
 
-@pytest.mark.parametrize("name", TABLES + ["records.csv"])
+@pytest.mark.parametrize("name", TABLES + ["records_golden.csv"])
 def test_no_blank_cells(golden_dir, name):
     text = (golden_dir / name).read_text()
     assert not re.search(r"\bnan\b|\bNaN\b|\bNone\b", text)
@@ -146,20 +146,138 @@ def test_no_blank_cells(golden_dir, name):
         assert not re.search(r"&[ \t]*&|&[ \t]*\\\\|^[ \t]*&", text, re.MULTILINE)
 
 
-def test_summary_cells(golden_dir):
-    t = pd.read_csv(golden_dir / "summary_golden.csv", keep_default_na=False).set_index(["dataset", "variant"])
-    cd, dcm = t.loc[("cifar10", "cd")], t.loc[("cifar10", "direct_cm")]
-    assert cd["fid [torch-fidelity] @1"] == "3.68 ± 0.042 (n=2)"
-    assert cd["fid [torch-fidelity] @1: paper"] == "3.55" and cd["fid [torch-fidelity] @1: Δ"] == "+0.13"
-    assert cd["fid [torch-fidelity] @1: protocol"] == "✓"
-    assert cd["fid [clean-fid/legacy_tensorflow] @2: protocol"] == "✗ 5k samples vs 50k"
-    assert dcm["fid [torch-fidelity] @1: paper"] == "no paper number"
-    assert dcm["fid [torch-fidelity] @2"] == "not evaluated"
-    ideal = t.loc[("gauss1d", "ideal")]
-    assert ideal["w2 @1"] == "0.0056" and ideal["ode_error @2"] == "n/a" and ideal["ode_error @1"] == "0"
-    assert t.loc[("gauss1d", "edm"), "w2 @35"] == "0.0195 (n=1)"
-    assert t.loc[("gauss1d", "cd"), "fid [torch-fidelity] @1"] == "not measured on this dataset"
-    assert "max relative difference 0.33% over 6 sample sets" in (golden_dir / "summary_golden.md").read_text()
+def _summary_csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path).set_index(["dataset", "variant", "column"])
+
+
+def md_tables(path: Path) -> dict[tuple[str, str], pd.DataFrame]:
+    """The pipe tables of a summary Markdown file, as strings: (dataset, the line above the table) → table."""
+    out, dataset, above, rows = {}, None, None, []
+    for line in path.read_text().splitlines() + [""]:
+        if line.startswith("|"):
+            if not re.fullmatch(r"[|:\- ]+", line):
+                rows.append([c.strip() for c in line.strip("|").split(" | ")])
+            continue
+        if rows:
+            out[(dataset, above)] = pd.DataFrame(rows[1:], columns=rows[0]).set_index(rows[0][0])
+            rows = []
+        if line.startswith("## "):
+            dataset = line[3:]
+        elif line:
+            above = line
+    return out
+
+
+def _md_table(tabs: dict, dataset: str, role: str) -> pd.DataFrame:
+    (t,) = [t for (ds, above), t in tabs.items() if ds == dataset and above.startswith(role)]
+    return t
+
+
+def test_summary_csv_keeps_full_precision_and_the_paper_comparison(golden_dir):
+    raw = records.load_records(FIXTURES)
+    s = _summary_csv(golden_dir / "summary_golden.csv")
+    cd = s.loc[("cifar10", "cd", "fid [torch-fidelity] @1")]
+    values = raw.query("dataset == 'cifar10' and variant == 'cd' and nfe == 1 and backend == 'torch-fidelity'")
+    assert cd["mean"] == values["value"].mean() and cd["sd"] == values["value"].std() and cd["n"] == 2
+    assert (cd["paper"], cd["paper_status"], cd["protocol"]) == (3.55, "confirmed", "✓")
+    assert cd["paper_delta"] == pytest.approx(values["value"].mean() - 3.55, abs=1e-12)
+    assert s.loc[("cifar10", "cd", "fid [clean-fid/legacy_tensorflow] @2"), "protocol"] == "✗ 5k samples vs 50k"
+    assert pd.isna(s.loc[("cifar10", "direct_cm", "fid [torch-fidelity] @1"), "paper"])
+    assert ("cifar10", "direct_cm", "fid [torch-fidelity] @2") not in s.index             # not evaluated: no row
+    edm = s.loc[("gauss1d", "edm", "w2 @35")]
+    assert (edm["role"], edm["n"], edm["mean"], edm["ideal"]) == ("teacher", 1, 0.0195, 0.0056) and pd.isna(edm["sd"])
+    assert pd.isna(s.loc[("gauss1d", "cd", "ode_error @2"), "ideal"])
+    md = (golden_dir / "summary_golden.md").read_text()
+    assert "max relative difference 0.33% over 6 sample sets" in md
+    cells = _md_table(md_tables(golden_dir / "summary_golden.md"), "cifar10", "Students").loc["cd"]
+    assert (cells["fid [torch-fidelity] @1: paper"], cells["fid [torch-fidelity] @1: Δ"]) == ("3.55", "+0.130")
+    assert cells["fid [clean-fid/legacy_tensorflow] @2: protocol"] == "✗ 5k samples vs 50k"
+
+
+def _significant(number: str) -> int:
+    return len(number.lstrip("+-").split("e")[0].replace(".", "").lstrip("0"))
+
+
+def test_summary_markdown_shows_3_significant_digits_and_n_once(golden_dir):
+    """Every number of the headline tables: the mean (or ideal) to 3 significant digits of the CSV's full-precision
+    value, the sd to at most 2; n stated once, above each table, and in no cell (every n is the same here)."""
+    tabs, s = md_tables(golden_dir / "summary_golden.md"), _summary_csv(golden_dir / "summary_golden.csv")
+    checked = 0
+    for (dataset, above), t in tabs.items():
+        assert above.count("n=") == 1 and "(n=" not in "".join(t.to_numpy().ravel())
+        for col in (c for c in t.columns if ": " not in c):                          # not paper, Δ, protocol
+            for variant, cell in t[col].items():
+                m = re.fullmatch(r"\**(?P<mean>[-+.e\d]+)(?: ± (?P<sd>[-+.e\d]+))?\**", cell)
+                if m is None:
+                    assert cell in ("not evaluated", "n/a"), cell
+                    continue
+                column = s.loc[dataset].xs(col, level="column")
+                exact = column["ideal"].iloc[0] if variant == "ideal" else column.loc[variant, "mean"]
+                assert float(m["mean"]) == pytest.approx(exact, rel=5e-3, abs=0), (col, variant)
+                assert _significant(m["mean"]) == 3 or exact == 0, cell
+                assert m["sd"] is None or _significant(m["sd"]) <= 2, cell
+                checked += 1
+    assert checked == 6 + 3 * 5 + 2 * 3          # cifar10 (2 not evaluated), gauss1d students and ideal, teacher
+    assert [above.split(": ", 1)[1] for _, above in tabs] == (
+        ["mean ± sd over n=2 training seeds; the best per column in bold."] * 2 + ["n=1 training seed (no sd)."])
+
+
+def _records(values: dict, metric: str, nfe: int = 1, sampler: str = "consistency") -> list[dict]:
+    """Toy records of one metric: {variant: [value per seed]}."""
+    return [{"suite": "t", "dataset": "ring2d", "variant": v, "seed": s, "nfe": nfe, "metric": metric,
+             "backend": "cmbench-toy", "mode": "exact ground truth", "value": x, "ideal": 0.5, "n_gen": 100,
+             "sampler": sampler} for v, xs in values.items() for s, x in enumerate(xs)]
+
+
+def test_best_student_is_marked_in_each_metrics_direction_and_a_different_n_is_stated(tmp_path):
+    df = pd.DataFrame(_records({"cd": [0.2, 0.3], "ict": [0.6, 0.7], "ect": [0.5]}, "near_mode_fraction")
+                      + _records({"cd": [0.02, 0.03], "ict": [0.05, 0.06], "ect": [0.01]}, "sliced_w2")
+                      + _records({"edm": [0.9, 0.9]}, "near_mode_fraction", nfe=35, sampler="heun")
+                      + _records({"edm": [0.001, 0.001]}, "sliced_w2", nfe=35, sampler="heun"))
+    tables.write_summary(df, "t", {}, tmp_path)
+    s = _summary_csv(tmp_path / "summary_t.csv")
+    assert sorted(s.index[s["best"]]) == [("ring2d", "ect", "sliced_w2 @1"), ("ring2d", "ict", "near_mode_fraction @1")]
+    tabs = md_tables(tmp_path / "summary_t.md")
+    students = _md_table(tabs, "ring2d", "Students")
+    assert students.loc["ict", "near_mode_fraction @1"] == "**0.650 ± 0.071**"       # higher is better
+    assert students.loc["ect", "sliced_w2 @1"] == "**0.0100 (n=1)**"                  # lower is better; its own n
+    assert students.loc["cd", "sliced_w2 @1"] == "0.0250 ± 0.0071"
+    assert list(students.index) == ["cd", "ect", "ict", "ideal"]                       # the teacher apart
+    assert "**" not in "".join(_md_table(tabs, "ring2d", "Teacher").to_numpy().ravel())   # the best of students only
+
+
+def test_teacher_nfe_and_renoised_ode_error_stay_out_of_the_students_table(golden_dir):
+    tabs = md_tables(golden_dir / "summary_golden.md")
+    students, teacher = _md_table(tabs, "gauss1d", "Students"), _md_table(tabs, "gauss1d", "Teacher")
+    assert list(students.columns) == ["w2 @1", "w2 @2", "fd @1", "fd @2", "ode_error @1"]
+    assert list(teacher.columns) == ["w2 @35", "fd @35", "ode_error @35"] and list(teacher.index) == ["edm", "ideal"]
+    s = _summary_csv(golden_dir / "summary_golden.csv")                     # the 2-step ODE error: CSV only
+    assert s.index[~s["headline"]].tolist() == [("gauss1d", v, "ode_error @2") for v in ("cd", "direct_cm")]
+    assert "ode_error @2" not in (golden_dir / "summary_golden.tex").read_text()
+    plotted = plots.metric_points(records.load_records(FIXTURES))
+    assert sorted(set(plotted.loc[plotted["metric"] == ODE_ERROR, "nfe"])) == [1, 35]
+    assert len(plotted) == len(records.load_records(FIXTURES)) - 4                 # 2 variants × 2 seeds left out
+
+
+def test_an_earlier_checkpoint_leaves_the_summary_alone(tmp_path):
+    """Records at an intermediate step (with other values) are in records_{suite}.csv, but not in what summarises
+    a run: the summary, the ODE-vs-quality study and the metrics plot."""
+    final = records.load_records(FIXTURES).assign(step=400)
+    df = pd.concat([final, final.assign(step=200, value=final["value"] * 10 + 1)], ignore_index=True)
+    build.write_tables(df, "golden", tmp_path, primary_numbers(load_paper_numbers(PAPER_NUMBERS)))
+    for name in TABLES:
+        assert (tmp_path / name).read_bytes() == (GOLDEN / name).read_bytes(), name
+    assert len(pd.read_csv(tmp_path / "records_golden.csv")) == 2 * len(final)
+    pd.testing.assert_frame_equal(plots.metric_points(df).drop(columns="step"),
+                                  plots.metric_points(records.load_records(FIXTURES)))
+
+
+def test_records_of_two_suites_both_survive(tmp_path):
+    papers, df = primary_numbers(load_paper_numbers(PAPER_NUMBERS)), records.load_records(FIXTURES)
+    build.write_tables(df[df["dataset"] == "gauss1d"], "toy", tmp_path, papers)
+    build.write_tables(df[df["dataset"] == "cifar10"], "cifar10", tmp_path, papers)
+    assert set(pd.read_csv(tmp_path / "records_toy.csv")["dataset"]) == {"gauss1d"}
+    assert set(pd.read_csv(tmp_path / "records_cifar10.csv")["dataset"]) == {"cifar10"}
 
 
 def test_protocol_flag_names_each_difference():
@@ -228,7 +346,7 @@ def test_no_ode_records_gives_empty_tables_not_blank_ones(tmp_path):
 def test_report_outputs_depend_only_on_names():
     out = report_outputs("toy", "results/tables", "results/plots")
     assert [str(p) for p in out] == [
-        "results/tables/records.csv", "results/tables/summary_toy.csv", "results/tables/summary_toy.md",
+        "results/tables/records_toy.csv", "results/tables/summary_toy.csv", "results/tables/summary_toy.md",
         "results/tables/summary_toy.tex", "results/tables/ode_vs_quality_toy.csv",
         "results/tables/ode_vs_quality_toy.md", "results/tables/ode_vs_quality_toy.tex",
         "results/tables/ode_vs_quality_verdicts_toy.csv", "results/tables/budget_toy.csv",

@@ -46,7 +46,7 @@ def workdir(tmp_path_factory):
 
 def test_suite_writes_records_summary_and_plot(workdir):
     tables = workdir / "results" / "tables"
-    df = pd.read_csv(tables / "records.csv")
+    df = pd.read_csv(tables / "records_mini.csv")
     assert set(df.variant) == {"ict", "ect"} and set(df.dataset) == {"gauss1d", "ring2d"}
     assert set(df.seed) == {0, 1} and set(df.nfe) == {1, 2}
     per_run = df.groupby(["dataset", "variant", "seed", "nfe"]).metric.apply(set)
@@ -79,8 +79,8 @@ def test_deleting_one_final_reruns_only_that_run(workdir):
 def test_separate_stages_give_the_same_records(workdir, tmp_path):
     """The cluster path (train, sample, evaluate, collect as separate jobs) reproduces the fused laptop path."""
     snakemake(tmp_path, "fuse=False")
-    fused = pd.read_csv(workdir / "results" / "tables" / "records.csv")
-    separate = pd.read_csv(tmp_path / "results" / "tables" / "records.csv")
+    fused = pd.read_csv(workdir / "results" / "tables" / "records_mini.csv")
+    separate = pd.read_csv(tmp_path / "results" / "tables" / "records_mini.csv")
     cols = ["dataset", "variant", "seed", "nfe", "metric", "value", "config_hash", "checkpoint_sha256"]
     pd.testing.assert_frame_equal(fused[cols], separate[cols])
 

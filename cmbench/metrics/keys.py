@@ -13,7 +13,7 @@ FID = "fid"                      # Fréchet Inception distance (cmbench.metrics.
 ORDER = (FID, "fd_dinov2", "fd_pixels", W2, FD, SLICED_W2, NEAR_MODE, MODE_COVERAGE_MIN, ODE_ERROR)
 
 # the metrics where higher is better (shares of samples near the modes); every other metric is a distance
-HIGHER_IS_BETTER = frozenset({NEAR_MODE, MODE_COVERAGE_MIN})
+HIGHER_IS_BETTER = (NEAR_MODE, MODE_COVERAGE_MIN)
 
 # FID backends, each reading the same sample file: torch-fidelity, and clean-fid in its two modes
 FID_SPECS = ("torch-fidelity", "clean-fid/legacy_tensorflow", "clean-fid/clean")

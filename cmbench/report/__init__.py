@@ -4,18 +4,21 @@ importing this package imports no pandas, matplotlib or seaborn either (the work
 
 Outputs of one suite (`report_outputs`, a pure function of the suite name, so Snakemake knows them up front):
 
-    tables/records.csv                         every record, tidy
-    tables/summary_{suite}.{csv,md,tex}         per dataset: rows variants (+ the `ideal` noise floor where records
-                                                carry one), columns metric [backend/mode] × NFE; FID columns of
-                                                datasets with paper numbers get the paper value, Δ and a
-                                                protocol-match flag beside them
+    tables/records_{suite}.csv                 every record, tidy (intermediate checkpoints' too)
+    tables/summary_{suite}.csv                 each run's last-step records summarised, tidy, full precision: per
+                                                dataset, variant and metric [backend/mode] @ NFE, mean, sd, n,
+                                                ideal, best-student flag, paper value, Δ and protocol flag
+    tables/summary_{suite}.{md,tex}             per dataset, 3 significant digits: students × metric @ NFE (+ the
+                                                `ideal` noise floor), best in bold, then the teacher's own table;
+                                                FID columns of datasets with paper numbers get the paper value, Δ
+                                                and a protocol-match flag beside them
     tables/ode_vs_quality_{suite}.{csv,md,tex}  ODE error vs sample quality per toy dataset, NFE and variant
     tables/ode_vs_quality_verdicts_{suite}.csv  does "Direct CM: lower ODE error, worse samples than CD" hold here?
     tables/budget_{suite}.{csv,md,tex}          per dataset: every variant at the training-image counts that all
                                                 of them were evaluated at (matched budget)
     tables/images_to_reach_{suite}.{csv,md,tex} training images and FLOPs each variant needed to reach the edm
                                                 teacher's final value × 2 (÷ 2 where higher is better)
-    plots/{suite}_metrics.png                   metric vs NFE per variant
+    plots/{suite}_metrics.png                   metric vs NFE per variant (last step; no re-noising ODE error)
     plots/{suite}_training.png                  training curves from each run's stats.jsonl
     plots/{suite}_fid_agreement.png             torch-fidelity vs clean-fid on the same samples
     plots/{suite}_ode_vs_quality.png            ODE error vs sample quality (CD and Direct CM highlighted)

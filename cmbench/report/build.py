@@ -17,10 +17,10 @@ from cmbench.report.tables import write_csv, write_summary
 
 
 def write_tables(df: pd.DataFrame, suite: str, tables: str | Path, numbers: dict) -> list[Path]:
-    """records.csv, the summary, the ODE-error-vs-quality and the training-budget tables; numbers:
+    """records_{suite}.csv, the summary, the ODE-error-vs-quality and the training-budget tables; numbers:
     `papers.primary_numbers`."""
     tables = Path(tables)
-    records = write_csv(records_csv(tables), df.assign(mode=df["mode"].mask(df["mode"] == "")), na_rep="NA")
+    records = write_csv(records_csv(tables, suite), df.assign(mode=df["mode"].mask(df["mode"] == "")), na_rep="NA")
     return [records, *write_summary(df, suite, numbers, tables),
             *write_ode_vs_quality(df, suite, tables, DIRECT_CM_VS_CD), *write_budget_tables(df, suite, tables)]
 

@@ -12,6 +12,7 @@ import pandas as pd
 
 from cmbench.metrics.keys import FD, ODE_ERROR, SLICED_W2, W2
 from cmbench.report.outputs import ode_vs_quality_files
+from cmbench.report.records import last_step
 from cmbench.report.tables import BOOKTABS, TEX_HEADER, md_table, mean_sd, tex_table, write_csv, write_lines
 
 
@@ -46,8 +47,9 @@ def quality_metrics(d: pd.DataFrame) -> list[str]:
 
 def comparisons(df: pd.DataFrame) -> Iterator[tuple[str, int, str, pd.DataFrame, pd.DataFrame]]:
     """(dataset, NFE, quality metric, ODE-error records, quality records) for every dataset with ODE-error
-    records, at NFES."""
-    d = df[df["nfe"].isin(NFES)]
+    records, at NFES, from each run's last-step records."""
+    d = last_step(df)
+    d = d[d["nfe"].isin(NFES)]
     for dataset, dd in d.groupby("dataset", sort=True):
         if ODE_ERROR not in set(dd["metric"]):
             continue

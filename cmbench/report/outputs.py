@@ -7,8 +7,9 @@ from pathlib import Path
 PLOTS = ("metrics", "training", "fid_agreement", "ode_vs_quality", "budget_images", "budget_flops")
 
 
-def records_csv(tables: str | Path) -> Path:
-    return Path(tables) / "records.csv"
+def records_csv(tables: str | Path, suite: str) -> Path:
+    """The suite's own: running one suite leaves another's records in place."""
+    return Path(tables) / f"records_{suite}.csv"
 
 
 def summary_files(tables: str | Path, suite: str) -> list[Path]:
@@ -35,5 +36,5 @@ def plot_file(plots: str | Path, suite: str, name: str) -> Path:
 
 def report_outputs(suite: str, tables: str | Path, plots: str | Path) -> list[Path]:
     """Every file `report` writes for a suite (Snakemake's rule outputs), in the order it writes them."""
-    return ([records_csv(tables)] + summary_files(tables, suite) + ode_vs_quality_files(tables, suite)
+    return ([records_csv(tables, suite)] + summary_files(tables, suite) + ode_vs_quality_files(tables, suite)
             + budget_files(tables, suite) + [plot_file(plots, suite, name) for name in PLOTS])

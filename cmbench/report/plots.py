@@ -13,7 +13,7 @@ from matplotlib.ticker import NullFormatter
 from cmbench import io
 from cmbench.metrics.keys import FID, ODE_ERROR
 from cmbench.report.claims import Claim, points
-from cmbench.report.records import metric_rank, training_curves, with_keys
+from cmbench.report.records import last_step, metric_rank, renoised, training_curves, with_keys
 from cmbench.report.tables import fid_agreement
 
 matplotlib.use("Agg")                 # files only, whatever display there is
@@ -33,10 +33,17 @@ def placeholder(path: Path, text: str) -> None:
     _save(fig, path)
 
 
+def metric_points(df: pd.DataFrame) -> pd.DataFrame:
+    """What `plot_metrics` draws: each run's last-step records, without the ODE error of re-noising multi-step
+    sampling (records.renoised), with a column key and a panel (dataset · key) each."""
+    df = last_step(df)
+    d = pd.concat([with_keys(g) for _, g in df[~renoised(df)].groupby("dataset")], ignore_index=True)
+    return d.assign(panel=d["dataset"] + " · " + d["key"])   # only panels that have data (datasets differ in metrics)
+
+
 def plot_metrics(df: pd.DataFrame, path: Path) -> None:
-    """Metric vs NFE per variant (error bars: sd over seeds)."""
-    d = pd.concat([with_keys(g) for _, g in df.groupby("dataset")], ignore_index=True)
-    d["panel"] = d["dataset"] + " · " + d["key"]      # only the panels that have data (datasets differ in metrics)
+    """Metric vs NFE per variant (error bars: sd over seeds), from `metric_points`."""
+    d = metric_points(df)
     order = [p for _, p in sorted({((ds, metric_rank(m), k), p)
                                    for ds, m, k, p in zip(d["dataset"], d["metric"], d["key"], d["panel"])})]
     g = sns.catplot(d, x="nfe", y="value", hue="variant", col="panel", col_order=order,

@@ -1,5 +1,6 @@
-"""Metric records (each run's metrics/records.json) as one tidy DataFrame; each record's column key; the training
-statistics beside them."""
+"""Metric records (each run's metrics/records.json) as one tidy DataFrame; each record's column key; which records
+summarise a run (its last step), which come from a teacher, which measure re-noising; the training statistics
+beside them."""
 from __future__ import annotations
 
 import math
@@ -10,9 +11,11 @@ import pandas as pd
 
 from cmbench import io, paths
 from cmbench.metrics.files import read_records
-from cmbench.metrics.keys import ORDER
+from cmbench.metrics.keys import ODE_ERROR, ORDER
 
 ID_COLUMNS = ["suite", "dataset", "variant", "seed", "nfe", "metric", "backend", "mode", "value", "ideal"]
+RUN_COLUMNS = ["suite", "dataset", "variant", "seed"]
+TEACHER_SAMPLERS = ("heun",)     # a diffusion teacher is sampled with an ODE solver, a student in one or few jumps
 
 
 def load_records(files) -> pd.DataFrame:
@@ -31,6 +34,27 @@ def load_records(files) -> pd.DataFrame:
     df["ideal"] = pd.to_numeric(df["ideal"], errors="coerce")
     return df[ID_COLUMNS + [c for c in df.columns if c not in ID_COLUMNS]].sort_values(
         ["suite", "dataset", "variant", "metric", "backend", "mode", "nfe", "seed"], ignore_index=True)
+
+
+def last_step(df: pd.DataFrame) -> pd.DataFrame:
+    """The records that summarise each run: those of its last training step (records at intermediate checkpoints
+    carry smaller steps). Records without a step (older files) count as final."""
+    if "step" not in df:
+        return df
+    step = pd.to_numeric(df["step"])
+    last = step.groupby([df[c] for c in RUN_COLUMNS], dropna=False).transform("max")
+    return df[step.isna() | (step == last)]
+
+
+def is_teacher(d: pd.DataFrame) -> pd.Series:
+    """Per record: made by a teacher (TEACHER_SAMPLERS), not by a consistency model."""
+    return d["sampler"].isin(TEACHER_SAMPLERS) if "sampler" in d else pd.Series(False, index=d.index)
+
+
+def renoised(d: pd.DataFrame) -> pd.Series:
+    """Per record: an ODE error of multi-step consistency sampling, which re-noises between steps, so the error
+    measures that fresh noise more than the model (its ideal is n/a). Kept in the CSVs, out of headline tables."""
+    return (d["metric"] == ODE_ERROR) & (d["nfe"] > 1) & ~is_teacher(d)
 
 
 def metric_rank(m: str) -> tuple:

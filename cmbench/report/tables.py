@@ -1,8 +1,10 @@
 """Summary tables (with the reported numbers beside our FIDs), FID library agreement, and the one table writer
 of cmbench (CSV, Markdown, LaTeX: own small formatters, byte-stable, no jinja2 or tabulate), which also writes
-the theory study's tables. Every file is written atomically (cmbench.io)."""
+the theory study's tables. Every file is written atomically (cmbench.io). The summary's CSV is tidy and in full
+precision; its Markdown and LaTeX show 3 significant digits, students apart from the teacher."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from cmbench import io
-from cmbench.metrics.keys import FID
+from cmbench.metrics.keys import FID, HIGHER_IS_BETTER
 from cmbench.report.outputs import summary_files
 from cmbench.report.papers import FEATURES
-from cmbench.report.records import metric_rank, with_keys
+from cmbench.report.records import is_teacher, last_step, metric_rank, renoised, with_keys
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,9 +72,18 @@ PLAIN = TexStyle(False, {**_TEX_COMMON, "≤": r"$\le$", "≥": r"$\ge$", ">": "
 TEX_HEADER = "% Written by cmbench.report. Needs \\usepackage{booktabs,graphicx,amssymb}."
 
 
-def tex_table(t: pd.DataFrame, caption: str, style: TexStyle = BOOKTABS) -> str:
-    """A LaTeX table of the cells exactly as formatted, without a final newline."""
-    head, *body = [" & ".join(style.escape(c) for c in r) + r" \\" for r in _cells(t)]
+def _tex_cell(c: str, style: TexStyle) -> str:
+    """A cell, escaped; a Markdown-bold one (**...**) in bold."""
+    bold = len(c) > 4 and c.startswith("**") and c.endswith("**")
+    return r"\textbf{" + style.escape(c[2:-2]) + "}" if bold else style.escape(c)
+
+
+def tex_table(t: pd.DataFrame, caption: str, style: TexStyle = BOOKTABS, rule_before: str | None = None) -> str:
+    """A LaTeX table of the cells exactly as formatted (a Markdown-bold cell in bold), without a final newline.
+    rule_before: the index label of a row that a rule sets apart from the rows above it."""
+    rule = r"\midrule" if style.booktabs else r"\hline"
+    head, *body = [(rule + "\n" if r[0] == rule_before else "") + " & ".join(_tex_cell(c, style) for c in r)
+                   + r" \\" for r in _cells(t)]
     caption = r"\caption{" + style.escape(caption) + "}"
     if style.booktabs:
         lines = [r"\centering", caption, r"\resizebox{\linewidth}{!}{%",
@@ -87,12 +98,17 @@ def tex_table(t: pd.DataFrame, caption: str, style: TexStyle = BOOKTABS) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Cells
 # ---------------------------------------------------------------------------------------------------------------
-NOT_EVALUATED, NO_PAPER, NA, NOT_MEASURED = "not evaluated", "no paper number", "n/a", "not measured on this dataset"
+NOT_EVALUATED, NO_PAPER, NA = "not evaluated", "no paper number", "n/a"
 LEGEND = [
-    "Cells: mean ± sd over training seeds (n = number of seeds; one seed: no sd).",
-    ("`ideal`: what exact samples score at the same n (the sampling-noise floor); n/a where no such value exists "
-     "(e.g. the ODE error of a 2-step sampler, which re-noises)."),
-    "`not evaluated`: this variant has no record at this NFE (the `edm` teacher is sampled with Heun, e.g. NFE 35).",
+    ("Cells: mean ± sd over training seeds, the mean to 3 significant digits, the sd to 2 (the summary CSV keeps "
+     "full precision); n, the number of seeds, is stated above each table, and in a cell only where it differs."),
+    ("Students (the consistency models) first, the best in each column in bold (lower is better; higher for "
+     f"{', '.join(HIGHER_IS_BETTER)}); the teacher, sampled with an ODE solver (the `edm` teacher: Heun, e.g. "
+     "NFE 35), has its own table at its own NFEs."),
+    ("`ideal`: what exact samples score at the same n (the sampling-noise floor); n/a where no such value exists."),
+    ("ODE error at NFE ≥ 2 is in the CSV only: multi-step consistency sampling re-noises between steps, so there "
+     "it measures that fresh noise more than the model."),
+    "`not evaluated`: this variant has no record at this NFE.",
     ("FID columns of datasets with reported numbers: `paper` = the primary entry of configs/paper_numbers.yaml "
      "(marked (secondary) when read in a source that re-cites it, (unverified) when not confirmed); "
      "`Δ` = our mean − paper; `protocol`: ✓ our records match the paper's protocol (sample count, Inception "
@@ -101,17 +117,23 @@ LEGEND = [
 ]
 
 
-def fmt(x: float) -> str:
-    return f"{x:.4g}"
+def fmt(x: float, digits: int = 3) -> str:
+    """`digits` significant digits, trailing zeros kept (0.0880, 1.20e-05, 312); zero as 0."""
+    if x == 0:
+        return "0"
+    s = f"{x:#.{digits}g}"
+    return s if "e" in s else s.rstrip(".")
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    """The mean to 3 significant digits, the sd (its uncertainty's size) to 2."""
+    return fmt(mean) if math.isnan(sd) else f"{fmt(mean)} ± {fmt(sd, 2)}"
 
 
 def mean_sd(v: pd.Series) -> str:
+    """'mean ± sd' of the values (the mean alone for one), NOT_EVALUATED for none."""
     v = v.dropna()
-    if len(v) == 0:
-        return NOT_EVALUATED
-    if len(v) == 1:
-        return f"{fmt(v.iloc[0])} (n=1)"
-    return f"{fmt(v.mean())} ± {v.std():.2g} (n={len(v)})"
+    return _mean_sd(v.mean(), v.std() if len(v) > 1 else math.nan) if len(v) else NOT_EVALUATED
 
 
 def _count(n: int) -> str:
@@ -178,49 +200,91 @@ def _paper_columns(name: str) -> list[str]:
     return [f"{name}: paper", f"{name}: Δ", f"{name}: protocol"]
 
 
-def _paper_cells(name: str, entry: dict | None, r: pd.DataFrame) -> dict[str, str]:
-    """The paper value, Δ and protocol flag beside column `name`, from our records r of one variant."""
+def _paper_cells(name: str, entry: dict | None, r) -> dict[str, str]:
+    """The paper value, Δ and protocol flag beside column `name`, from our summary row r of one variant (None:
+    no records)."""
     if entry is None:
         return dict(zip(_paper_columns(name), (NO_PAPER, NA, NA)))
     paper = fmt(entry["value"]) + ("" if entry["status"] == "confirmed" else f" ({entry['status']})")
-    if r.empty:
+    if r is None:
         return dict(zip(_paper_columns(name), (paper, NOT_EVALUATED, NOT_EVALUATED)))
-    return dict(zip(_paper_columns(name),
-                    (paper, f"{r['value'].mean() - entry['value']:+.3g}", protocol_flag(r, entry))))
+    delta = r["paper_delta"]
+    return dict(zip(_paper_columns(name), (paper, ("+" if delta >= 0 else "") + fmt(delta), r["protocol"])))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------------------------------------------
-def summary_tables(df: pd.DataFrame, papers: dict) -> dict[str, pd.DataFrame]:
-    """dataset → table of strings (index: variant, then `ideal` where the records carry ideal values).
-    papers: `papers.primary_numbers`."""
-    return {dataset: _summary_table(dataset, with_keys(d), papers) for dataset, d in df.groupby("dataset", sort=True)}
+SUMMARY_COLUMNS = ["dataset", "role", "variant", "column", "metric", "backend", "nfe", "n", "mean", "sd", "ideal",
+                   "best", "headline", "paper", "paper_status", "paper_delta", "protocol"]
+ROLES = {"student": "Students", "teacher": "Teacher (sampled with an ODE solver, at its own NFEs)"}
 
 
-def _summary_table(dataset: str, d: pd.DataFrame, papers: dict) -> pd.DataFrame:
-    cols = sorted({(k, m, n) for k, m, n in zip(d["key"], d["metric"], d["nfe"])},
-                  key=lambda c: (metric_rank(c[1]), c[0], c[2]))
+def summary_records(df: pd.DataFrame, papers: dict) -> pd.DataFrame:
+    """The summary in full precision (SUMMARY_COLUMNS), from each run's last-step records: one row per dataset,
+    role, column (metric [backend/mode] @ NFE) and variant with records. role: `teacher` (records.is_teacher) or
+    `student`; n: seeds; sd: NaN for one seed; best: the best student mean of the column, among two or more
+    (keys.HIGHER_IS_BETTER says which way); headline: in the Markdown/LaTeX tables (not a re-noising ODE error);
+    paper*, protocol: beside a primary reported number. papers: `papers.primary_numbers`."""
+    parts = [_summary_rows(dataset, with_keys(d), papers)
+             for dataset, d in last_step(df).groupby("dataset", sort=True)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SUMMARY_COLUMNS)
+
+
+def _summary_rows(dataset: str, d: pd.DataFrame, papers: dict) -> pd.DataFrame:
+    order = sorted(set(zip(d["metric"], d["key"], d["nfe"])), key=lambda c: (metric_rank(c[0]), c[1], c[2]))
+    d = d.assign(role=is_teacher(d).map({True: "teacher", False: "student"}), headline=~renoised(d),
+                 column=d["key"] + " @" + d["nfe"].astype(str),
+                 position=[order.index(c) for c in zip(d["metric"], d["key"], d["nfe"])])
+    rows = []
+    for (role, _, variant), g in d.groupby(["role", "position", "variant"], sort=True):   # students first
+        first, v, ideal = g.iloc[0], g["value"], g["ideal"].dropna()
+        entry = papers.get((dataset, variant, first["metric"], int(first["nfe"])))
+        rows.append([dataset, role, variant, first["column"], first["metric"], first["backend_label"],
+                     int(first["nfe"]), len(v), v.mean(), v.std() if len(v) > 1 else math.nan,
+                     ideal.iloc[0] if len(ideal) else math.nan, False, bool(first["headline"]),
+                     *((entry["value"], entry["status"], v.mean() - entry["value"], protocol_flag(g, entry))
+                       if entry else (math.nan, None, math.nan, None))])
+    s = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    for _, g in s[(s["role"] == "student") & s["headline"]].groupby("column"):
+        if len(g) > 1:
+            top = g["mean"].max() if g["metric"].iloc[0] in HIGHER_IS_BETTER else g["mean"].min()
+            s.loc[g.index[g["mean"] == top], "best"] = True
+    return s
+
+
+def _seed_count(n: int) -> str:
+    return f"mean ± sd over n={n} training seeds" if n > 1 else "n=1 training seed (no sd)"
+
+
+def _table(s: pd.DataFrame, dataset: str, papers: dict) -> tuple[pd.DataFrame, int]:
+    """Summary rows of one dataset and role as a table of strings: index variant (then `ideal` where the rows
+    carry ideal values), columns in the rows' order (a FID column of a dataset with reported numbers followed by
+    paper, Δ and protocol); and n, the seed count most cells have (a cell with another says its own)."""
+    n = int(s["n"].mode().iloc[-1])
     compare = {m for (ds, _, m, _) in papers if ds == dataset}          # metrics with reported numbers
-    rows: dict[str, dict[str, str]] = {v: {} for v in sorted(d["variant"].unique())}
+    rows: dict[str, dict[str, str]] = {v: {} for v in sorted(s["variant"].unique())}
     ideal_row: dict[str, str] = {}
-    for key, metric, nfe in cols:
-        name = f"{key} @{nfe}"
-        c = d[(d["key"] == key) & (d["nfe"] == nfe)]
+    for name, c in s.groupby("column", sort=False):
+        metric, nfe, by_variant = c["metric"].iloc[0], int(c["nfe"].iloc[0]), c.set_index("variant")
+        for v, row in rows.items():
+            r = by_variant.loc[v] if v in by_variant.index else None
+            if r is None:
+                row[name] = NOT_EVALUATED
+            else:
+                cell = _mean_sd(r["mean"], r["sd"]) + ("" if r["n"] == n else f" (n={r['n']})")
+                row[name] = f"**{cell}**" if r["best"] else cell
+            if metric in compare:
+                row |= _paper_cells(name, papers.get((dataset, v, metric, nfe)), r)
         ideal = c["ideal"].dropna()
         ideal_row[name] = fmt(ideal.iloc[0]) if len(ideal) else NA
-        for v, row in rows.items():
-            r = c[c["variant"] == v]
-            row[name] = mean_sd(r["value"])
-            if metric in compare:
-                row |= _paper_cells(name, papers.get((dataset, v, metric, int(nfe))), r)
         if metric in compare:
             ideal_row |= dict.fromkeys(_paper_columns(name), NA)
-    if d["ideal"].notna().any():
+    if s["ideal"].notna().any():
         rows["ideal"] = ideal_row
     t = pd.DataFrame.from_dict(rows, orient="index")
     t.index.name = "variant"
-    return t
+    return t, n
 
 
 def fid_agreement(df: pd.DataFrame) -> pd.DataFrame:
@@ -260,27 +324,26 @@ def _dataset_note(dataset: str, d: pd.DataFrame, df_all: pd.DataFrame) -> str:
     return note
 
 
-def _summary_csv(per: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Every dataset's table in one, columns in order of first appearance; a column a dataset lacks is
-    NOT_MEASURED there."""
-    parts = [t.reset_index().assign(dataset=dataset) for dataset, t in per.items()]
-    cols = ["dataset", "variant"]
-    for t in parts:
-        cols += [c for c in t.columns if c not in cols]
-    csv = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
-    return csv.reindex(columns=cols).fillna(NOT_MEASURED)
-
-
 def write_summary(df: pd.DataFrame, suite: str, papers: dict, tables: Path) -> list[Path]:
-    per = summary_tables(df, papers)
+    """summary_{suite}.csv (`summary_records`), and per dataset a note, then the students' and the teacher's
+    headline tables as Markdown and LaTeX."""
+    df = last_step(df)
+    summary = summary_records(df, papers)
     md = [f"# cmbench summary: suite `{suite}`", "", *[f"- {x}" for x in LEGEND], ""]
     tex = [TEX_HEADER, f"% cmbench summary: suite {suite}", *[f"% {x}" for x in LEGEND], ""]
-    for dataset, t in per.items():
+    for dataset, s in summary[summary["headline"].astype(bool)].groupby("dataset", sort=True):   # bool: when empty
         note = _dataset_note(dataset, df[df["dataset"] == dataset], df)
-        md += [f"## {dataset}", "", note, "", md_table(t), ""]
-        tex += [f"% {dataset}", tex_table(t, f"Suite {suite}, {dataset}: {note}"), ""]
+        md += [f"## {dataset}", "", note, ""]
+        tex.append(f"% {dataset}")
+        for role, title in ROLES.items():
+            part = s[s["role"] == role]
+            if len(part):
+                t, n = _table(part, dataset, papers)
+                head = f"{title}: {_seed_count(n)}" + ("; the best per column in bold" if part["best"].any() else "")
+                md += [f"{head}.", "", md_table(t), ""]
+                tex += [tex_table(t, f"Suite {suite}, {dataset}. {head}. {note}", rule_before="ideal"), ""]
     paths = summary_files(tables, suite)
-    write_csv(paths[0], _summary_csv(per))
+    write_csv(paths[0], summary, na_rep="NA")
     write_lines(paths[1], md)
     write_lines(paths[2], tex)
     return paths
