@@ -20,6 +20,7 @@ import sys
 from html import unescape
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -35,7 +36,8 @@ TABLES = ["tables/summary_toy.csv", "tables/records.csv", "tables/ode_vs_quality
           "tables/ode_vs_quality_verdicts_toy.csv", "studies/theory/theory.csv",
           "studies/theory/theory_slopes.csv"]
 PLOTS = ["plots/toy_metrics.png", "plots/toy_training.png", "plots/toy_fid_agreement.png",
-         "plots/toy_ode_vs_quality.png", "studies/theory/theory.png"]
+         "plots/toy_ode_vs_quality.png", "studies/theory/theory.png",
+         "plots/toy_gauss1d_samples.png", "plots/toy_ring2d_samples.png"]    # the sample pictures
 SHOWN = [f"results/{f}" for f in TABLES + PLOTS]          # what the report holds (the Snakefile's SHOWN)
 # tables a reader reads: no cell may be blank or NaN
 READ = ["tables/summary_toy.csv", "tables/summary_toy.md", "tables/ode_vs_quality_toy.csv",
@@ -108,6 +110,10 @@ def test_html_report(tmp_path):
     with (results / "tables/ode_vs_quality_verdicts_toy.csv").open(newline="") as f:
         verdicts = list(csv.DictReader(f))
     assert {(v["dataset"], v["nfe"]) for v in verdicts} >= {("gauss1d", "1"), ("ring2d", "1")}
+    for dataset in ("gauss1d", "ring2d"):      # each picture's source: every variant at NFE 1 and 2, the same seeds
+        src = np.load(results / f"plots/toy_{dataset}_samples.npz")
+        assert sorted(zip(src["variant"], src["nfe"])) == [(v, n) for v in SUITE["variants"] for n in (1, 2)]
+        assert all(np.array_equal(row, np.arange(len(row))) for row in src["seeds"])
     blanks = [c for f in READ for c in blank_cells(results / f)]
     assert not blanks, blanks
 
@@ -137,7 +143,8 @@ def test_html_report(tmp_path):
     page = rendered(chromium_dom(report, tmp_path / "chromium"))
     assert "cmbench: consistency models under one protocol" in page
     assert all(f"{Path(p).name}</a>" in page for p in SHOWN), page[-3000:]
-    assert all(c in page for c in ("Benchmark (toy suite)", "ODE error vs quality", "Theory study"))
+    assert all(c in page for c in ("Benchmark (toy suite)", "ODE error vs quality", "Theory study",
+                                   "Samples (toy suite)"))
 
     # the summary table selected (app.showResultInfo: what the caption links call): rendered as a table
     path = "results/tables/summary_toy.csv"

@@ -202,6 +202,7 @@ def draw_images(panels: list[Panel], cfg: RunConfig, grid, teachers: set[str]) -
     return fig, {"real_index": np.arange(len(real_images))}
 
 
+# each returns the figure and any arrays its source npz adds
 DRAW = {"scatter": draw_scatter, "histogram": draw_histogram, "images": draw_images}
 SHOWN = {"scatter": SCATTER_POINTS, "histogram": None, "images": GRID}    # seeds per panel (None: all)
 TOY_TITLE = {"scatter": "samples over the exact PF-ODE endpoints Φ(x_T) of the same noise",
