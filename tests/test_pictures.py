@@ -66,6 +66,7 @@ def test_each_toy_sample_is_paired_with_the_exact_endpoint_of_its_own_noise(runs
     toy, _ = runs
     panels = pictures.load_panels(toy, [pictures.load_run_config(r) for r in toy], None)
     assert [(p.variant, p.nfe) for p in panels] == [("ict", 1), ("ict", 2), ("cd", 1), ("cd", 2)]
+    assert [p.deterministic for p in panels] == [True, False, True, False]   # 2 steps re-noise: no segment drawn
     for p in panels:
         assert np.array_equal(p.seeds, np.arange(200)) and p.samples.shape == p.exact.shape == (200, 1)
         np.testing.assert_allclose(p.samples, p.exact, atol=1e-6)   # x_T ≈ 80: float64 rounding

@@ -12,7 +12,7 @@ NFE (columns), every panel showing the same sample seeds (seeds do not depend on
 Beside each PNG an npz records what it shows: per panel the run, variant, NFE, sample file and sample seeds
 (`seeds`, one row per panel), and for images the indices of the real training images. numpy and matplotlib only:
 
-    python -m cmbench.report.pictures --plots DIR RUN [RUN ...]     # e.g. RUN = results/runs/toy/ring2d/*/s0
+    python -m cmbench.report.pictures --plots DIR [--colors N] RUN [RUN ...]   # RUN: e.g. results/runs/toy/ring2d/*/s0
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
+from PIL import Image
 
 from cmbench import io, paths
 from cmbench.config import ConfigError, RunConfig, load_run_config
@@ -51,6 +52,7 @@ class Panel:
     seeds: np.ndarray        # the sample seeds shown
     samples: np.ndarray      # toy: float [k, d]; images: uint8 [k, H, W, C]
     exact: np.ndarray | None = None     # toy: Φ(x_T) of the same seeds
+    deterministic: bool = True          # one step or an ODE solver: a sample is its model's image of Φ(x_T)
 
 
 def _rows(have: np.ndarray, want: np.ndarray, path: Path) -> np.ndarray:
@@ -73,7 +75,8 @@ def load_panels(runs: list[Path], cfgs: list[RunConfig], shown: int | None) -> l
             smp = read_npz(path, ("seeds", "images") if image else ("seeds", "samples", "x_t"))
             seeds = smp["seeds"][:shown] if seeds is None else seeds
             rows = _rows(smp["seeds"], seeds, path)
-            p = Panel(cfg.run.variant, nfe, rdir, path, seeds, smp["images" if image else "samples"][rows])
+            p = Panel(cfg.run.variant, nfe, rdir, path, seeds, smp["images" if image else "samples"][rows],
+                      deterministic=nfe == 1 or cfg.sample.sampler == "heun")
             if not image:   # the exact endpoints evaluation scored these samples against, row for row
                 ref_file = reference_path(cfg, nfe, paths.results_of(rdir))
                 ref = read_npz(ref_file, ("x_t", "exact"), fix="delete it and re-run snakemake (it is rebuilt)")
@@ -125,7 +128,7 @@ def draw_scatter(panels: list[Panel], cfg: RunConfig, grid, teachers: set[str]) 
         ax, x, e = axes[(p.variant, p.nfe)], p.samples[:, :2], p.exact[:, :2]
         ax.set_axis_on()
         ax.scatter(*e.T, s=3, c="0.7", lw=0)
-        k = min(PAIRED, len(x))
+        k = min(PAIRED, len(x)) if p.deterministic else 0    # a re-noised sample is no image of its Φ(x_T)
         ax.plot([x[:k, 0], e[:k, 0]], [x[:k, 1], e[:k, 1]], c="0.35", lw=0.4)
         ax.scatter(*x.T, s=3, c="C0", lw=0)
         ax.scatter(*means[:, :2].T, marker="x", s=40, c="C3", lw=1.5)
@@ -134,9 +137,9 @@ def draw_scatter(panels: list[Panel], cfg: RunConfig, grid, teachers: set[str]) 
         _off(ax, int((~((x >= lo) & (x <= hi)).all(1)).sum()), len(x))
     keys = [Line2D([], [], ls="", marker="o", ms=4, c="0.7", label="exact Φ(x_T), same noise"),
             Line2D([], [], ls="", marker="o", ms=4, c="C0", label="samples"),
-            Line2D([], [], c="0.35", lw=0.6, label=f"the first {PAIRED}: sample – its own Φ(x_T)"),
+            Line2D([], [], c="0.35", lw=0.6, label=f"the first {PAIRED}: sample – its Φ(x_T) (no re-noising)"),
             Line2D([], [], ls="", marker="x", ms=7, mew=1.5, c="C3", label="modes")]
-    fig.legend(handles=keys, loc="outside lower center", ncols=4, fontsize=8)
+    fig.legend(handles=keys, loc="outside lower center", ncols=2, fontsize=8)
     return fig, {}
 
 
@@ -188,7 +191,7 @@ def draw_images(panels: list[Panel], cfg: RunConfig, grid, teachers: set[str]) -
     """A grid of the first GRID samples per panel, the same seeds in each; the real strip below."""
     side = int(np.sqrt(GRID))
     tiles = [mosaic(p.samples, side) for p in panels]
-    inches = max(1.6, tiles[0].shape[1] / DPI)
+    inches = max(2.2, tiles[0].shape[1] / DPI)
     real_images = real_strip(cfg)
     real = mosaic(real_images, STRIP)
     fig, axes, strip_ax = grid((inches, inches + 0.25), strip=0.3 + inches * real.shape[0] / tiles[0].shape[1])
@@ -209,8 +212,10 @@ TOY_TITLE = {"scatter": "samples over the exact PF-ODE endpoints Φ(x_T) of the 
              "histogram": "samples over the exact density"}
 
 
-def draw_dataset(runs: list[Path], cfgs: list[RunConfig], plots: Path, teachers: set[str]) -> list[Path]:
-    """The picture of one dataset's runs (one per variant) and its source npz."""
+def draw_dataset(runs: list[Path], cfgs: list[RunConfig], plots: Path, teachers: set[str],
+                 colors: int | None = None) -> list[Path]:
+    """The picture of one dataset's runs (one per variant) and its source npz; colors: a palette of that many
+    colours instead of full colour (a small file, for the README)."""
     cfg = cfgs[0]
     kind = picture_kind(cfg.dataset)
     panels = load_panels(runs, cfgs, SHOWN[kind])
@@ -228,6 +233,10 @@ def draw_dataset(runs: list[Path], cfgs: list[RunConfig], plots: Path, teachers:
                  fontsize=9)
     png, source = picture_files(plots, cfg.run.suite, cfg.run.dataset)
     save_figure(fig, png)
+    if colors:
+        with Image.open(png) as im:
+            small = im.convert("RGB").quantize(colors)
+        io.atomic_write(png, lambda tmp: small.save(tmp, format="PNG", optimize=True))
     arrays = {"seeds": np.stack([p.seeds for p in panels]), "variant": np.array(variants),
               "nfe": np.array([p.nfe for p in panels]), "run": np.array([str(p.run) for p in panels]),
               "sample_file": np.array([str(p.file) for p in panels]), "suite": cfg.run.suite,
@@ -236,9 +245,9 @@ def draw_dataset(runs: list[Path], cfgs: list[RunConfig], plots: Path, teachers:
     return [png, source]
 
 
-def draw(runs: list[Path], plots: str | Path) -> list[Path]:
+def draw(runs: list[Path], plots: str | Path, colors: int | None = None) -> list[Path]:
     """The pictures (and their sources) of every dataset of `runs`, all of one suite; each dataset × variant
-    shows the first of its runs given."""
+    shows the first of its runs given (colors: see draw_dataset)."""
     chosen: dict[tuple[str, str], tuple[Path, RunConfig]] = {}
     for rdir in map(Path, runs):
         cfg = load_run_config(rdir)
@@ -251,17 +260,18 @@ def draw(runs: list[Path], plots: str | Path) -> list[Path]:
     out = []
     for dataset in dict.fromkeys(d for d, _ in chosen):
         runs_cfgs = [rc for (d, _), rc in chosen.items() if d == dataset]
-        out += draw_dataset([r for r, _ in runs_cfgs], [c for _, c in runs_cfgs], Path(plots), teachers)
+        out += draw_dataset([r for r, _ in runs_cfgs], [c for _, c in runs_cfgs], Path(plots), teachers, colors)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cmbench.report.pictures", description=__doc__.split("\n\n")[0])
     p.add_argument("--plots", required=True, type=Path, help="folder for the pictures and their source npz files")
+    p.add_argument("--colors", type=int, help="save with a palette of this many colours (README pictures: 64)")
     p.add_argument("runs", nargs="+", type=Path, help="run directories (of one suite)")
     a = p.parse_args(argv)
     try:
-        for path in draw(a.runs, a.plots):
+        for path in draw(a.runs, a.plots, a.colors):
             print(path)
     except (ConfigError, DamagedFile) as e:
         sys.exit(f"cmbench: error: {e}")
