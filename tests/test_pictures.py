@@ -1,6 +1,7 @@
 """The sample pictures (cmbench.report.pictures) on hand-made run dirs: a run's config.json and sample files are
 all the pictures read (toy: and the cached reference), so no model is trained here. The workflow writes them too:
 test_html_report.py (toy, in the HTML report) and test_image_suite.py (digits)."""
+import re
 import subprocess
 import sys
 
@@ -103,3 +104,17 @@ def test_a_run_without_the_shown_seeds_is_one_line(runs, tmp_path):
         io.save_npz(paths.samples_file(rdir, nfe), seeds=sample_seeds(cfg), images=np.zeros((100, 8, 8, 1), np.uint8))
     with pytest.raises(SystemExit, match=r"nfe1.npz: has no sample seed 0, .*same sample.seed_start"):
         pictures.main(["--plots", str(tmp_path / "plots"), str(digits[0]), str(rdir)])
+
+
+def test_the_readme_shows_small_committed_pictures():
+    """The README's pictures exist under docs/, each under 150 KB (a 64-colour palette: `--colors 64`), each with
+    its source npz beside it."""
+    from PIL import Image
+
+    shown = re.findall(r"\]\((docs/[^)]+\.png)\)", (REPO / "README.md").read_text())
+    assert sorted(shown) == ["docs/digits_digits_samples.png", "docs/toy_ring2d_samples.png"]
+    for name in shown:
+        png = REPO / name
+        assert png.stat().st_size < 150_000 and png.with_suffix(".npz").is_file(), name
+        with Image.open(png) as im:
+            assert im.mode == "P" and len(im.getcolors()) <= 64, name

@@ -4,13 +4,15 @@ NFE (columns), every panel showing the same sample seeds (seeds do not depend on
 
 - toy data of 2+ dimensions: the first SCATTER_POINTS samples over the exact endpoints Φ(x_T) of the same initial
   noise (the cached toy reference the samples were scored against), the first PAIRED joined to their own
-  endpoint, the law's modes marked (first two coordinates);
+  endpoint where the sampler is deterministic (one step, or an ODE solver; a re-noised sample has no such
+  partner), the law's modes marked (first two coordinates);
 - 1-D toy data: a histogram of the samples over the exact density;
 - images: the first GRID samples as a square grid (a tile position shows one noise through every method), the
   teacher's row first, and a strip of the first STRIP training images.
 
 Beside each PNG an npz records what it shows: per panel the run, variant, NFE, sample file and sample seeds
-(`seeds`, one row per panel), and for images the indices of the real training images. numpy and matplotlib only:
+(`seeds`, one row per panel), and for images the indices of the real training images. numpy, matplotlib and
+Pillow, no torch:
 
     python -m cmbench.report.pictures --plots DIR [--colors N] RUN [RUN ...]   # RUN: e.g. results/runs/toy/ring2d/*/s0
 """
@@ -36,6 +38,7 @@ from cmbench.metrics.files import read_npz
 from cmbench.report.outputs import picture_files, picture_kind
 from cmbench.report.plots import _save as save_figure
 
+# report/samples_*.rst quote these numbers
 SCATTER_POINTS = 1000   # toy scatter: samples shown per panel
 PAIRED = 60             # of which joined to their exact endpoint Φ(x_T)
 GRID = 64               # images: samples per panel (8 × 8)
