@@ -37,7 +37,6 @@ LOGS = paths.logs_dir(RUN)
 report: "report/workflow.rst"
 
 BENCH, ODE, THEORY = f"Benchmark ({P.suite} suite)", "ODE error vs quality", "Theory study"
-PICTURES = f"Samples ({P.suite} suite)"
 SHOWN = {  # output file name → (category, subcategory, caption file in report/)
     f"summary_{P.suite}.csv": (BENCH, "Tables", "summary.rst"),
     "records.csv": (BENCH, "Tables", "records.rst"),
@@ -50,7 +49,7 @@ SHOWN = {  # output file name → (category, subcategory, caption file in report
     "theory.csv": (THEORY, "Tables", "theory.rst"),
     "theory_slopes.csv": (THEORY, "Tables", "theory_slopes.rst"),
     "theory.png": (THEORY, "Plots", "theory_plot.rst"),
-    **{picture_files("", P.suite, d)[0].name: (PICTURES, d, f"samples_{kind}.rst")
+    **{picture_files("", P.suite, d)[0].name: (f"Samples ({P.suite} suite)", d, f"samples_{kind}.rst")
        for d, kind in P.picture_kinds().items()},
 }
 

@@ -36,14 +36,16 @@ TABLES = ["tables/summary_toy.csv", "tables/records.csv", "tables/ode_vs_quality
           "tables/ode_vs_quality_verdicts_toy.csv", "studies/theory/theory.csv",
           "studies/theory/theory_slopes.csv"]
 PLOTS = ["plots/toy_metrics.png", "plots/toy_training.png", "plots/toy_fid_agreement.png",
-         "plots/toy_ode_vs_quality.png", "studies/theory/theory.png",
-         "plots/toy_gauss1d_samples.png", "plots/toy_ring2d_samples.png"]    # the sample pictures
+         "plots/toy_ode_vs_quality.png", "studies/theory/theory.png"]
 SHOWN = [f"results/{f}" for f in TABLES + PLOTS]          # what the report holds (the Snakefile's SHOWN)
 # tables a reader reads: no cell may be blank or NaN
 READ = ["tables/summary_toy.csv", "tables/summary_toy.md", "tables/ode_vs_quality_toy.csv",
         "tables/ode_vs_quality_toy.md", "tables/ode_vs_quality_verdicts_toy.csv",
         "studies/theory/theory_summary.md"]
 NAN = re.compile(r"\bnan\b|^\s*None\s*$", re.I)
+# the sample pictures (cmbench.report.pictures): in the report too
+PICTURES = ["plots/toy_gauss1d_samples.png", "plots/toy_ring2d_samples.png"]
+SHOWN += [f"results/{f}" for f in PICTURES]
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -111,6 +113,7 @@ def test_html_report(tmp_path):
         verdicts = list(csv.DictReader(f))
     assert {(v["dataset"], v["nfe"]) for v in verdicts} >= {("gauss1d", "1"), ("ring2d", "1")}
     for dataset in ("gauss1d", "ring2d"):      # each picture's source: every variant at NFE 1 and 2, the same seeds
+        assert (results / f"plots/toy_{dataset}_samples.png").stat().st_size > 20_000, dataset
         src = np.load(results / f"plots/toy_{dataset}_samples.npz")
         assert sorted(zip(src["variant"], src["nfe"])) == [(v, n) for v in SUITE["variants"] for n in (1, 2)]
         assert all(np.array_equal(row, np.arange(len(row))) for row in src["seeds"])

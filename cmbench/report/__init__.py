@@ -2,6 +2,14 @@
 importing this package imports no pandas, matplotlib or seaborn either (the workflow calls `report_outputs` and
 `load_paper_numbers` while Snakemake parses it): `report` imports them when called.
 
+Sample pictures of one suite (module `pictures`, its own job, `python -m cmbench.report.pictures`, reading the
+runs' sample files; names: `outputs.picture_files`, one pair per dataset of the suite):
+
+    plots/{suite}_{dataset}_samples.png         variants × NFE: toy scatter over the exact Φ(x_T) of the same noise,
+                                                1-D histograms over the exact density, or image grids (the same
+                                                seeds in every panel) above a strip of training images
+    plots/{suite}_{dataset}_samples.npz         its source: each panel's run, variant, NFE, sample file and seeds
+
 Outputs of one suite (`report_outputs`, a pure function of the suite name, so Snakemake knows them up front):
 
     tables/records.csv                         every record, tidy
@@ -16,16 +24,8 @@ Outputs of one suite (`report_outputs`, a pure function of the suite name, so Sn
     plots/{suite}_fid_agreement.png             torch-fidelity vs clean-fid on the same samples
     plots/{suite}_ode_vs_quality.png            ODE error vs sample quality (CD and Direct CM highlighted)
 
-and, from the runs' sample files (`pictures`, its own job: `picture_files`, per dataset of the suite):
-
-    plots/{suite}_{dataset}_samples.png         variants × NFE: toy scatter over the exact Φ(x_T) of the same noise,
-                                                1-D histograms over the exact density, or image grids (the same
-                                                seeds in every panel) above a strip of training images
-    plots/{suite}_{dataset}_samples.npz         its source: each panel's run, variant, NFE, sample file and seeds
-
 Modules: outputs (the file names), papers (configs/paper_numbers.yaml, validated), records (records → DataFrame),
-tables (summary, FID agreement, the table writer), claims (ODE error vs quality), plots, build (the job),
-pictures (the sample pictures, `python -m cmbench.report.pictures`)."""
+tables (summary, FID agreement, the table writer), claims (ODE error vs quality), plots, build (the job)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -27,12 +27,6 @@ def plot_file(plots: str | Path, suite: str, name: str) -> Path:
     return Path(plots) / f"{suite}_{name}.png"
 
 
-def report_outputs(suite: str, tables: str | Path, plots: str | Path) -> list[Path]:
-    """Every file `report` writes for a suite (Snakemake's rule outputs), in the order it writes them."""
-    return ([records_csv(tables)] + summary_files(tables, suite) + ode_vs_quality_files(tables, suite)
-            + [plot_file(plots, suite, name) for name in PLOTS])
-
-
 def picture_files(plots: str | Path, suite: str, dataset: str) -> list[Path]:
     """A dataset's sample picture (cmbench.report.pictures) and, beside it, its source: an npz naming the run,
     variant, NFE and sample seeds of every panel."""
@@ -47,3 +41,10 @@ def picture_kind(dataset) -> str:
     if dataset.kind == "image":
         return "images"
     return "histogram" if dataset.shape == (1,) else "scatter"
+
+
+def report_outputs(suite: str, tables: str | Path, plots: str | Path) -> list[Path]:
+    """Every file `report` writes for a suite (Snakemake's rule outputs), in the order it writes them."""
+    return ([records_csv(tables)] + summary_files(tables, suite) + ode_vs_quality_files(tables, suite)
+            + [plot_file(plots, suite, name) for name in PLOTS])
+
