@@ -47,4 +47,3 @@ def report_outputs(suite: str, tables: str | Path, plots: str | Path) -> list[Pa
     """Every file `report` writes for a suite (Snakemake's rule outputs), in the order it writes them."""
     return ([records_csv(tables)] + summary_files(tables, suite) + ode_vs_quality_files(tables, suite)
             + [plot_file(plots, suite, name) for name in PLOTS])
-
