@@ -9,7 +9,8 @@ import sys
 from cmbench import paths
 from cmbench.config import ConfigError
 from cmbench.errors import MissingWeights, UnverifiedWeights
-from cmbench.workflow import Plan
+from cmbench.report.outputs import picture_files
+from cmbench.workflow import Plan, samples_dir
 
 try:
     P = Plan.from_snakemake(config)
@@ -53,6 +54,8 @@ SHOWN = {  # output file name → (category, subcategory, caption file in report
     "theory.csv": (THEORY, "Tables", "theory.rst"),
     "theory_slopes.csv": (THEORY, "Tables", "theory_slopes.rst"),
     "theory.png": (THEORY, "Plots", "theory_plot.rst"),
+    **{picture_files("", P.suite, d)[0].name: (f"Samples ({P.suite} suite)", d, f"samples_{kind}.rst")
+       for d, kind in P.picture_kinds().items()},
 }
 
 
@@ -106,6 +109,7 @@ if P.fuse:
         output:
             FINAL,
             RECORDS,
+            directory(samples_dir(RUN)),   # every NFE's samples, kept: the pictures read them
         params:
             # a changed training re-runs the job; changed sampling too, but then it does not train (final.pt is
             # rebuilt from the last checkpoint); changed evaluation settings change the references (inputs)
@@ -212,3 +216,18 @@ rule report:
     shell:
         "cmbench report --suite {P.suite:q} --records {input.records:q} --paper-numbers {input.papers:q} "
         "--tables {params.tables:q} --plots {params.plots:q} > {log:q} 2>&1"
+
+
+# a picture of each dataset's samples: every variant (its run of the suite's first seed) at each NFE
+rule pictures:
+    input:
+        P.picture_inputs(),
+    output:
+        shown(P.pictures()),
+    params:
+        runs=P.picture_runs(),
+        plots=f"{P.results}/plots",
+    log:
+        f"{P.results}/plots/logs/pictures-{P.suite}.log",
+    shell:
+        "python -m cmbench.report.pictures --plots {params.plots:q} {params.runs:q} > {log:q} 2>&1"

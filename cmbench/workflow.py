@@ -107,9 +107,9 @@ class Plan:
         whose consumers are up to date, so a deleted final.pt is re-made only if it is a target itself."""
         runs = [str(paths.final_weights(r)) for r in self.runs] + self.studies()
         if self.fuse:
-            return runs + self.record_files() + self.tables()
+            return runs + self.record_files() + self.tables() + self.pictures()
         samples = [str(paths.samples_file(r, n)) for r, cfg in self.runs.items() for n in cfg.sample.nfe]
-        return runs + samples + self.metric_files() + self.record_files() + self.tables()
+        return runs + samples + self.metric_files() + self.record_files() + self.tables() + self.pictures()
 
     def studies(self) -> list[str]:
         """The theory study (Li, Huang & Wei 2024 on exact Gaussian CT; cmbench.studies.theory), made with the
@@ -123,6 +123,34 @@ class Plan:
     def tables(self) -> list[str]:
         from cmbench.report import report_outputs
         return [str(p) for p in report_outputs(self.suite, Path(self.results) / "tables", Path(self.results) / "plots")]
+
+    def picture_runs(self) -> list[str]:
+        """The runs the sample pictures show: each dataset × variant at the suite's first seed."""
+        first = {}
+        for rdir, cfg in self.runs.items():
+            first.setdefault((cfg.run.dataset, cfg.run.variant), rdir)
+        return list(first.values())
+
+    def picture_kinds(self) -> dict[str, str]:
+        """dataset → how its samples are drawn (cmbench.report.outputs.picture_kind)."""
+        from cmbench.report.outputs import picture_kind
+        return {cfg.run.dataset: picture_kind(cfg.dataset) for cfg in self.runs.values()}
+
+    def pictures(self) -> list[str]:
+        from cmbench.report.outputs import picture_files
+        plots = Path(self.results) / "plots"
+        return [str(p) for d in self.picture_kinds() for p in picture_files(plots, self.suite, d)]
+
+    def picture_inputs(self) -> list[str]:
+        """What the pictures read: the shown runs' samples (a fused run's samples folder, an output of its one
+        job) and, for toy data, the cached exact endpoints of each NFE."""
+        from cmbench.metrics.evaluate import is_image, reference_path
+        out = []
+        for rdir in self.picture_runs():
+            cfg = self.runs[rdir]
+            out += ([samples_dir(rdir)] if self.fuse else [str(paths.samples_file(rdir, n)) for n in cfg.sample.nfe])
+            out += [] if is_image(cfg) else [str(reference_path(cfg, n, self.results)) for n in cfg.sample.nfe]
+        return list(dict.fromkeys(out))
 
     def paper_numbers(self) -> str:
         return str(Path(self.configs) / "paper_numbers.yaml")
@@ -191,6 +219,11 @@ class Plan:
     def reference_args(self, output: str) -> list[str]:
         rdir, nfe, metric = self.reference_sources()[output]
         return ["--run", str(rdir), "--nfe", str(nfe), "--metric", metric]
+
+
+def samples_dir(rdir: str | Path) -> str:
+    """The folder of a run's sample files (cmbench.paths.samples_file, any NFE)."""
+    return str(paths.samples_file(rdir, 0).parent)
 
 
 def check_ranks(cfg: RunConfig, launch_cfg: LaunchConfig, launch_config: str) -> None:

@@ -20,6 +20,7 @@ import sys
 from html import unescape
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -44,6 +45,9 @@ READ = ["tables/summary_toy.csv", "tables/summary_toy.md", "tables/ode_vs_qualit
         "tables/ode_vs_quality_toy.md", "tables/ode_vs_quality_verdicts_toy.csv",
         "studies/theory/theory_summary.md"]
 NAN = re.compile(r"\bnan\b|^\s*None\s*$", re.I)
+# the sample pictures (cmbench.report.pictures): in the report too
+PICTURES = ["plots/toy_gauss1d_samples.png", "plots/toy_ring2d_samples.png"]
+SHOWN += [f"results/{f}" for f in PICTURES]
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -110,6 +114,11 @@ def test_html_report(tmp_path):
     with (results / "tables/ode_vs_quality_verdicts_toy.csv").open(newline="") as f:
         verdicts = list(csv.DictReader(f))
     assert {(v["dataset"], v["nfe"]) for v in verdicts} >= {("gauss1d", "1"), ("ring2d", "1")}
+    for dataset in ("gauss1d", "ring2d"):      # each picture's source: every variant at NFE 1 and 2, the same seeds
+        assert (results / f"plots/toy_{dataset}_samples.png").stat().st_size > 20_000, dataset
+        src = np.load(results / f"plots/toy_{dataset}_samples.npz")
+        assert sorted(zip(src["variant"], src["nfe"])) == [(v, n) for v in SUITE["variants"] for n in (1, 2)]
+        assert all(np.array_equal(row, np.arange(len(row))) for row in src["seeds"])
     blanks = [c for f in READ for c in blank_cells(results / f)]
     assert not blanks, blanks
 
@@ -139,7 +148,8 @@ def test_html_report(tmp_path):
     page = rendered(chromium_dom(report, tmp_path / "chromium"))
     assert "cmbench: consistency models under one protocol" in page
     assert all(f"{Path(p).name}</a>" in page for p in SHOWN), page[-3000:]
-    assert all(c in page for c in ("Benchmark (toy suite)", "ODE error vs quality", "Theory study"))
+    assert all(c in page for c in ("Benchmark (toy suite)", "ODE error vs quality", "Theory study",
+                                   "Samples (toy suite)"))
 
     # the summary table selected (app.showResultInfo: what the caption links call): rendered as a table
     path = "results/tables/summary_toy.csv"

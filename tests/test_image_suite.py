@@ -42,7 +42,7 @@ def test_sharded_sampling_equals_one_task(tmp_path):
 @pytest.mark.slow
 def test_digits_suite_end_to_end(tmp_path):
     """The digits suite (EDM teacher, iCT, CD from the teacher) runs through Snakemake and reports pixel-space
-    FD at 1 and 2 steps (35 for the teacher's Heun sampler)."""
+    FD at 1 and 2 steps (35 for the teacher's Heun sampler), and draws its sample grids."""
     small = "train.steps=20 sample.n=100 sample.batch=100 evaluate.floor_repeats=2"
     r = run_snakemake("--cores", "2", "--config", "suite=digits", f"results={tmp_path}", f"set={small}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -52,6 +52,11 @@ def test_digits_suite_end_to_end(tmp_path):
     assert (df.value > 0).all() and (df.value > df.ideal).all() and (df.backend == "cmbench-pixels").all()
     summary = (tmp_path / "tables" / "summary_digits.md").read_text()
     assert "fd @1" in summary and "fd @2" in summary
+    # the sample grids: the teacher and every student at each NFE, the same 64 seeds in every panel
+    src = np.load(tmp_path / "plots" / "digits_digits_samples.npz")
+    assert list(zip(src["variant"], src["nfe"])) == [("edm", 35), ("ict", 1), ("ict", 2), ("cd", 1), ("cd", 2)]
+    assert src["seeds"].shape == (5, 64) and (src["seeds"] == src["seeds"][0]).all()
+    assert (tmp_path / "plots" / "digits_digits_samples.png").stat().st_size > 10_000
 
 
 def test_missing_dataset_fails_at_dry_run(tmp_path):

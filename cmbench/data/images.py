@@ -578,6 +578,13 @@ def _load_path(cfg: ImageData, layout: str, path: Path) -> np.ndarray:
 
 def make_image_data(cfg: ImageData) -> ImageDataset:
     """Load the images of `cfg` (once; see the module docstring for sources and layouts)."""
+    images, info, labels = load_images(cfg)
+    return ImageDataset(images, xflip=cfg.xflip, info=info, labels=labels)
+
+
+def load_images(cfg: ImageData) -> tuple[np.ndarray, dict, np.ndarray | None]:
+    """The images of `cfg` as uint8 [N, H, W, C], a description of their source and their labels (or None),
+    without torch (unless a digits resolution other than 8 needs resizing): what the report's pictures read."""
     info, labels = {"source": cfg.source}, None
     if cfg.source == "digits":
         images = _take(_load_digits(cfg.resolution), cfg.size, "digits")
@@ -594,4 +601,4 @@ def make_image_data(cfg: ImageData) -> ImageDataset:
             raise ConfigError(f"{cfg.source} path {e}") from None
     where = f"{cfg.source}" + (f" path {info['path']}" if "path" in info else "")
     images = _to_nhwc(np.asarray(images), cfg.resolution, cfg.channels, where)   # dtype and shape, whatever the source
-    return ImageDataset(images, xflip=cfg.xflip, info=info, labels=labels)
+    return images, info, labels

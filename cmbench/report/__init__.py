@@ -2,6 +2,14 @@
 importing this package imports no pandas, matplotlib or seaborn either (the workflow calls `report_outputs` and
 `load_paper_numbers` while Snakemake parses it): `report` imports them when called.
 
+Sample pictures of one suite (module `pictures`, its own job, `python -m cmbench.report.pictures`, reading the
+runs' sample files; names: `outputs.picture_files`, one pair per dataset of the suite):
+
+    plots/{suite}_{dataset}_samples.png         variants × NFE: toy scatter over the exact Φ(x_T) of the same noise,
+                                                1-D histograms over the exact density, or image grids (the same
+                                                seeds in every panel) above a strip of training images
+    plots/{suite}_{dataset}_samples.npz         its source: each panel's run, variant, NFE, sample file and seeds
+
 Outputs of one suite (`report_outputs`, a pure function of the suite name, so Snakemake knows them up front):
 
     tables/records_{suite}.csv                 every record, tidy (intermediate checkpoints' too)

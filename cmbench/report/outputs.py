@@ -34,6 +34,22 @@ def plot_file(plots: str | Path, suite: str, name: str) -> Path:
     return Path(plots) / f"{suite}_{name}.png"
 
 
+def picture_files(plots: str | Path, suite: str, dataset: str) -> list[Path]:
+    """A dataset's sample picture (cmbench.report.pictures) and, beside it, its source: an npz naming the run,
+    variant, NFE and sample seeds of every panel."""
+    stem = Path(plots) / f"{suite}_{dataset}_samples"
+    return [stem.with_suffix(".png"), stem.with_suffix(".npz")]
+
+
+def picture_kind(dataset) -> str:
+    """How a dataset's samples are drawn (dataset: a RunConfig.dataset): `images` (grids of samples), `histogram`
+    (1-D toy data, over the exact density) or `scatter` (toy data of 2+ dimensions: the first two coordinates,
+    over the exact endpoints of the same noise)."""
+    if dataset.kind == "image":
+        return "images"
+    return "histogram" if dataset.shape == (1,) else "scatter"
+
+
 def report_outputs(suite: str, tables: str | Path, plots: str | Path) -> list[Path]:
     """Every file `report` writes for a suite (Snakemake's rule outputs), in the order it writes them."""
     return ([records_csv(tables, suite)] + summary_files(tables, suite) + ode_vs_quality_files(tables, suite)
