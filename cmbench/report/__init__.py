@@ -9,7 +9,8 @@ Outputs of one suite (`report_outputs`, a pure function of the suite name, so Sn
                                                 carry one), columns metric [backend/mode] × NFE; FID columns of
                                                 datasets with paper numbers get the paper value, Δ and a
                                                 protocol-match flag beside them
-    tables/ode_vs_quality_{suite}.{csv,md,tex}  ODE error vs sample quality per toy dataset, NFE and variant
+    tables/ode_vs_quality_{suite}.{csv,md,tex}  ODE error vs sample quality per dataset, NFE and variant (toy data;
+                                                images: runs with a trained teacher, at one step)
     tables/ode_vs_quality_verdicts_{suite}.csv  does "Direct CM: lower ODE error, worse samples than CD" hold here?
     plots/{suite}_metrics.png                   metric vs NFE per variant
     plots/{suite}_training.png                  training curves from each run's stats.jsonl
