@@ -1,8 +1,8 @@
 """The ODE error on images (cmbench.metrics.ode_ref): the teacher's Heun solution of the sampling noise is the
 reference, it converges, a model that returns it scores its convergence error, records appear at one step for
-runs with a trained teacher only, the reference is shared and follows the teacher's weights, and the
-ODE-vs-quality study reads image records. A tiny digits teacher (8 channels, a few steps at a high learning rate
-so that its flow is not the untrained net's linear one)."""
+runs with a trained teacher only, the reference is shared, follows the teacher's weights and is a declared input
+of the workflow, and the ODE-vs-quality study reads image records. A tiny digits teacher (8 channels, a few steps
+at a high learning rate so that its flow is not the untrained net's linear one)."""
 import json
 
 import numpy as np
@@ -164,3 +164,21 @@ def test_the_digits_study_has_a_table_not_the_no_records_line(runs, reference, t
     write_ode_vs_quality(df, "digits", tmp_path, DIRECT_CM_VS_CD)
     md = (tmp_path / "ode_vs_quality_digits.md").read_text()
     assert "No ode_error records" not in md and "digits, NFE 1, fd: not evaluated: no Direct CM records" in md
+
+
+def test_the_workflow_declares_the_teachers_solution_and_its_weights(tmp_path):
+    """The digits plan: CD's NFE-1 evaluation (and its fused job) reads the teacher's ODE solution, whose job reads
+    the teacher's final weights; NFE 2 and iCT do not."""
+    from types import SimpleNamespace
+
+    from cmbench.workflow import Plan
+    plan = Plan.from_snakemake({"suite": "digits", "results": str(tmp_path)})
+    w = {v: SimpleNamespace(suite="digits", dataset="digits", variant=v, seed="0", metric="data", nfe=n)
+         for v, n in (("cd", "1"), ("ict", "1"))}
+    ode = [f for f in plan.reference(w["cd"]) if "/ode-" in f]
+    assert len(ode) == 1 and not any("/ode-" in f for f in plan.reference(w["ict"]))
+    assert ode[0] in plan.references(w["cd"]) and not any("/ode-" in f for f in plan.references(w["ict"]))
+    assert not any("/ode-" in f for f in plan.reference(SimpleNamespace(**{**vars(w["cd"]), "nfe": "2"})))
+    name = SimpleNamespace(name=ode[0].rsplit("/", 1)[1].removesuffix(".npz"))
+    assert plan.reference_inputs(name) == [str(tmp_path / "runs/digits/digits/edm/s0/final.pt")]
+    assert plan.reference_args(ode[0])[-2:] == ["--metric", ode_ref.REFERENCE]

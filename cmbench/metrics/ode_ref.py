@@ -21,16 +21,15 @@ from cmbench.config import ImageData, RunConfig, config_hash
 from cmbench.metrics import toy
 from cmbench.seeds import initial_noise, sample_seeds, seed_labels
 
-REFERENCE = "ode"              # the reference's name where the metric sets' are used (files, reference jobs)
+REFERENCE = "ode"     # its name where a metric set's goes: file prefix, `cmbench launch reference --metric ode`
 STEPS, CHECK_STEPS, CHECK_N = 256, 512, 16
 KEYS = ("images", "seeds", "convergence", "steps", "check_steps", "check_n", "key")   # what the cached file must hold
 
 
 def applies(cfg: RunConfig, nfe: int) -> bool:
-    """An image run with a trained teacher (cfg.teacher: the distilled variants, and those started from its
-    weights), at one step."""
-    return (isinstance(cfg.dataset, ImageData) and nfe == 1 and cfg.teacher is not None
-            and cfg.teacher.source == "run")
+    """An image run with a teacher (always a trained run on images: the distilled variants, and those started
+    from its weights), at one step."""
+    return isinstance(cfg.dataset, ImageData) and nfe == 1 and cfg.teacher is not None
 
 
 def seeds(cfg: RunConfig) -> np.ndarray:
