@@ -86,6 +86,8 @@ rule all:
 
 
 rule reference:
+    input:
+        P.reference_inputs,   # a teacher's ODE solution: the teacher's weights
     output:
         f"{P.results}/reference/{{name}}.npz",
     params:

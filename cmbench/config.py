@@ -292,6 +292,9 @@ class Evaluate(Strict):
     floor_repeats: PosInt = 5           # draws of n true samples that estimate a metric's sampling-noise floor
     sliced_projections: PosInt = 256
     pixel_fd: bool = True               # images: Fréchet distance in pixel space (no network; off for 64×64)
+    # images: how many of the sample seeds (the first, at most sample.n) the 1-step ODE error of a run with a
+    # trained teacher uses (the teacher's 511-evaluation Heun solution of each is its reference: metrics.ode_ref)
+    ode_n: PosInt = 64
     # images: FID backends, each reading the same sample file (cmbench.metrics.fid); needs Inception weights
     fid: list[Literal[FID_SPECS]] = []
     # clean-fid's network: its own TorchScript Inception ("own", as the CM paper's clean-fid numbers) or

@@ -189,17 +189,19 @@ class Plan:
         """The metric set named by a file-name wildcard (cmbench.paths.slug)."""
         return {paths.slug(m): m for m in self.run(w).metric_sets()}[w.metric]
 
-    def reference(self, w) -> str:
-        from cmbench.metrics.evaluate import reference_path
-        return str(reference_path(self.run(w), int(w.nfe), self.results, self.metric_set(w)))
+    def reference(self, w) -> list[str]:
+        """The cached references one evaluation job reads (evaluate.reference_sets)."""
+        from cmbench.metrics.evaluate import reference_path, reference_sets
+        cfg, nfe = self.run(w), int(w.nfe)
+        return [str(reference_path(cfg, nfe, self.results, s)) for s in reference_sets(cfg, nfe, self.metric_set(w))]
 
     def references(self, w) -> list[str]:
         """The cached ground truth / reference statistics of every NFE and metric set of a run (the fused
         job's input)."""
-        from cmbench.metrics.evaluate import reference_path
+        from cmbench.metrics.evaluate import reference_path, reference_sets
         cfg = self.run(w)
-        return sorted({str(reference_path(cfg, n, self.results, m)) for n in cfg.sample.nfe
-                       for m in cfg.metric_sets()})
+        return sorted({str(reference_path(cfg, n, self.results, s)) for n in cfg.sample.nfe
+                       for m in cfg.metric_sets() for s in reference_sets(cfg, n, m)})
 
     def metric_inputs(self, w) -> list[str]:
         cfg, rdir = self.run(w), self.run_dir(w)
@@ -207,14 +209,20 @@ class Plan:
 
     def reference_sources(self) -> dict[str, tuple[Path, int, str]]:
         """Cached reference file → a (run dir, NFE, metric set) that defines it (runs sharing a key share it)."""
-        from cmbench.metrics.evaluate import reference_path
+        from cmbench.metrics.evaluate import reference_path, reference_sets
         if self._references is None:
             self._references = {}
             for rdir, cfg in self.runs.items():
                 for n in cfg.sample.nfe:
-                    for m in cfg.metric_sets():
-                        self._references.setdefault(str(reference_path(cfg, n, self.results, m)), (Path(rdir), n, m))
+                    for s in dict.fromkeys(s for m in cfg.metric_sets() for s in reference_sets(cfg, n, m)):
+                        self._references.setdefault(str(reference_path(cfg, n, self.results, s)), (Path(rdir), n, s))
         return self._references
+
+    def reference_inputs(self, w) -> list[str]:
+        """The reference job's input: the teacher weights that a teacher's ODE solution is solved with."""
+        from cmbench.metrics import ode_ref
+        rdir, _, s = self.reference_sources()[str(Path(self.results) / "reference" / f"{w.name}.npz")]
+        return [str(ode_ref.teacher_weights(self.runs[str(rdir)], self.results))] if s == ode_ref.REFERENCE else []
 
     def reference_args(self, output: str) -> list[str]:
         rdir, nfe, metric = self.reference_sources()[output]

@@ -48,7 +48,8 @@ def test_digits_suite_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_csv(tmp_path / "tables" / "records_digits.csv")
     got = set(zip(df.variant, df.nfe, df.metric))
-    assert got == {("ict", 1, "fd"), ("ict", 2, "fd"), ("cd", 1, "fd"), ("cd", 2, "fd"), ("edm", 35, "fd")}
+    assert got == {("ict", 1, "fd"), ("ict", 2, "fd"), ("cd", 1, "fd"), ("cd", 2, "fd"), ("edm", 35, "fd"),
+                   ("cd", 1, "ode_error")}
     assert (df.value > 0).all() and (df.value > df.ideal).all() and (df.backend == "cmbench-pixels").all()
     summary = (tmp_path / "tables" / "summary_digits.md").read_text()
     assert "fd @1" in summary and "fd @2" in summary
@@ -57,6 +58,8 @@ def test_digits_suite_end_to_end(tmp_path):
     assert list(zip(src["variant"], src["nfe"])) == [("edm", 35), ("ict", 1), ("ict", 2), ("cd", 1), ("cd", 2)]
     assert src["seeds"].shape == (5, 64) and (src["seeds"] == src["seeds"][0]).all()
     assert (tmp_path / "plots" / "digits_digits_samples.png").stat().st_size > 10_000
+    # CD's ODE error against the teacher's Heun solution reaches the ODE-vs-quality study
+    assert "digits, NFE 1, fd:" in (tmp_path / "tables" / "ode_vs_quality_digits.md").read_text()
 
 
 def test_missing_dataset_fails_at_dry_run(tmp_path):

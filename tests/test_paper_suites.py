@@ -100,8 +100,9 @@ def test_paper_dag_plans_on_the_release_format(data, suite, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     variants, sets = 8, 4 if suite == "cifar10" else 3
     samples = (variants - 1) * 2 + 1
+    # references: one per metric set, and on CIFAR-10 (pixel metrics on) the teacher's ODE solution, shared
     assert planned_jobs(r.stdout) == {"all": 1, "train": variants, "sample": samples, "evaluate": samples * sets,
-                                      "collect": variants, "reference": sets, "report": 1}
+                                      "collect": variants, "reference": sets + (suite == "cifar10"), "report": 1}
 
 
 def check_smoke_outputs(results: Path, suite: str) -> pd.DataFrame:
@@ -155,7 +156,7 @@ def test_smoke_dag_through_slurm(data, tmp_path):
     records = {p.parents[2].name + "/" + p.stem: yaml.safe_load(p.read_text())
                for p in (tmp_path / "runs").glob("cifar10/cifar10/*/s0/jobs/*.json")}
     runs = {k for k in records if k.endswith("/run")}
-    assert len(runs) == 8 and len(records) == 8 + 4          # a job per run, and per reference (pixels, 3 FIDs)
+    assert len(runs) == 8 and len(records) == 8 + 5    # a job per run, per reference (pixels, 3 FIDs, teacher's ODE)
     assert {r["launcher"] for r in records.values()} == {"slurm"}
     ids = ",".join(str(r["job_id"]) for r in records.values())
     states = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ids, "--format=State"], capture_output=True,

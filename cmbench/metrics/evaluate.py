@@ -3,8 +3,9 @@
 Toy data (numpy only, no torch): metrics against exact ground truth. The ground truth that does not depend on
 the run (exact endpoints Φ(x_T) of the fixed sampling noise, fresh true data, each metric's value for true
 data) is computed once per (dataset, sampler start) and cached under results/reference/ (DESIGN.md, cost
-notes). Images: pixel-space Fréchet distance against cached statistics of the training images, and FID
-through each configured library (cmbench.metrics.fid), all reading the same sample file."""
+notes). Images: pixel-space Fréchet distance against cached statistics of the training images, FID through each
+configured library (cmbench.metrics.fid), all reading the same sample file, and the 1-step ODE error of a run with
+a trained teacher against the teacher's own PF-ODE solution of the same noise (cmbench.metrics.ode_ref)."""
 import json
 import time
 from importlib.metadata import version
@@ -16,7 +17,7 @@ from cmbench import io, paths
 from cmbench.config import ImageData, RunConfig, config_hash, load_run_config
 from cmbench.data.toy import Gaussian, GaussianMixture, make_toy
 from cmbench.errors import DamagedFile
-from cmbench.metrics import toy
+from cmbench.metrics import ode_ref, toy
 from cmbench.metrics.files import RESAMPLE, json_field, read_npz, read_records, set_aside, write_records
 from cmbench.metrics.keys import FD, FID, MODE_COVERAGE_MIN, NEAR_MODE, ODE_ERROR, SLICED_W2, W2
 from cmbench.seeds import initial_noise, sample_seeds, seed_labels
@@ -41,6 +42,8 @@ def pixels(images: np.ndarray) -> np.ndarray:
 
 def reference_key(cfg: RunConfig, nfe: int, metric_set: str = "data") -> str:
     """Everything the cached ground truth or reference statistics depend on, hashed."""
+    if metric_set == ode_ref.REFERENCE:
+        return ode_ref.key(cfg)
     if metric_set != "data":
         from cmbench.metrics import fid
         return fid.reference_key(cfg.dataset.model_dump(mode="json"), metric_set, cfg.evaluate.cleanfid_network,
@@ -69,7 +72,15 @@ def distribution_metrics(x: np.ndarray, dist, fresh: np.ndarray, cfg: RunConfig)
     return out
 
 
+def reference_sets(cfg: RunConfig, nfe: int, metric_set: str) -> list[str]:
+    """The cached references an evaluation of one metric set reads: its own, and for "data" records that include
+    the teacher's ODE error (ode_ref.applies) the teacher's PF-ODE solution."""
+    return [metric_set] + ([ode_ref.REFERENCE] if metric_set == "data" and ode_ref.applies(cfg, nfe) else [])
+
+
 def build_reference(cfg: RunConfig, nfe: int, out: Path, metric_set: str = "data") -> Path:
+    if metric_set == ode_ref.REFERENCE:
+        return ode_ref.build(cfg, out)
     if metric_set != "data":
         from cmbench.data import make_data
         from cmbench.metrics import fid
@@ -111,17 +122,20 @@ def collect_records(rdir: Path) -> Path:
 
 # what each kind of cached reference must hold
 REFERENCE_KEYS = {"toy": ("x_t", "exact", "fresh", "ideal", "key"), "image": ("mean", "cov", "n", "ideal", "key"),
-                  "fid": ("mu", "sigma", "n", "key", "fields")}
+                  "fid": ("mu", "sigma", "n", "key", "fields"), ode_ref.REFERENCE: ode_ref.KEYS}
 
 
 def load_reference(cfg: RunConfig, nfe: int, ref_file: Path, metric_set: str) -> dict:
     """The cached reference, built on a miss; a cached file that is unreadable, holds non-finite values or was
     made for another key is set aside (one line on stderr) and rebuilt, instead of failing every evaluation."""
-    keys = REFERENCE_KEYS["fid" if metric_set != "data" else "image" if is_image(cfg) else "toy"]
+    ode = metric_set == ode_ref.REFERENCE
+    keys = REFERENCE_KEYS[metric_set if ode else "fid" if metric_set != "data" else "image" if is_image(cfg) else "toy"]
+    # the teacher's ODE solution also names the teacher weights it was solved with
+    want = ode_ref.made_for(cfg, ref_file.parent.parent) if ode else reference_key(cfg, nfe, metric_set)
     if ref_file.exists():
         try:
             ref = read_npz(ref_file, keys, fix="delete it (it is rebuilt)")
-            if str(ref["key"]) == reference_key(cfg, nfe, metric_set):
+            if str(ref["key"]) == want:
                 return ref
             set_aside(ref_file, f"made for key {str(ref['key'])[:16]}, not this one")
         except DamagedFile as e:
@@ -197,6 +211,19 @@ def _pixel_values(cfg: RunConfig, smp, ref) -> tuple[dict, dict, dict]:
     return values, json.loads(str(ref["ideal"])), fields
 
 
+def _ode_record(cfg: RunConfig, nfe: int, smp, results: str | Path) -> dict:
+    """The ODE error of one-step image samples against the teacher's PF-ODE solution of the same noise
+    (metrics.ode_ref), over its first evaluate.ode_n samples, and the fields that say how it was measured (they
+    replace the sample file's: n_gen, the reference)."""
+    ref = load_reference(cfg, nfe, reference_path(cfg, nfe, results, ode_ref.REFERENCE), ode_ref.REFERENCE)
+    n = len(ref["seeds"])
+    return {"metric": ODE_ERROR, "value": ode_ref.error(smp["images"][:n], ref["images"]), "ideal": 0.0,
+            "n_gen": n, "n_ref": n, "mode": "teacher's PF-ODE solution (Heun)", "reference_split": None,
+            "reference": reference_key(cfg, nfe, ode_ref.REFERENCE), "ode_ref_steps": int(ref["steps"]),
+            "ode_ref_convergence": float(ref["convergence"]), "ode_ref_convergence_n": int(ref["check_n"]),
+            "ode_ref_convergence_steps": int(ref["check_steps"])}
+
+
 def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "data") -> Path:
     """Metric records for the samples of one run at one NFE and one metric set (RunConfig.metric_sets);
     builds the reference if it is not cached."""
@@ -232,4 +259,6 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "d
             "wall_time_s": round(time.perf_counter() - t0, 3)}
     records = [{**base, "metric": name, "value": float(v), "ideal": ideal.get(name)}
                for name, v in sorted(values.items())]
+    if metric_set == "data" and ode_ref.applies(cfg, nfe):
+        records.append({**base, **_ode_record(cfg, nfe, smp, results)})
     return write_records(paths.metrics_file(rdir, nfe, metric_set), records)

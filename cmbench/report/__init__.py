@@ -20,7 +20,8 @@ Outputs of one suite (`report_outputs`, a pure function of the suite name, so Sn
                                                 `ideal` noise floor), best in bold, then the teacher's own table;
                                                 FID columns of datasets with paper numbers get the paper value, Δ
                                                 and a protocol-match flag beside them
-    tables/ode_vs_quality_{suite}.{csv,md,tex}  ODE error vs sample quality per toy dataset, NFE and variant
+    tables/ode_vs_quality_{suite}.{csv,md,tex}  ODE error vs sample quality per dataset, NFE and variant (toy data;
+                                                images: runs with a trained teacher, at one step)
     tables/ode_vs_quality_verdicts_{suite}.csv  does "Direct CM: lower ODE error, worse samples than CD" hold here?
     tables/budget_{suite}.{csv,md,tex}          per dataset: every variant at the training-image counts that all
                                                 of them were evaluated at (matched budget)

@@ -1,6 +1,7 @@
 """ODE error vs sample quality (Vouitsis et al. 2024; papers.md §6): does "Direct CM has lower ODE error but
-worse sample quality than CD" hold on the toy datasets, whose exact PF-ODE map gives the ODE error? The claim is
-declared once (`DIRECT_CM_VS_CD`); every function here takes it."""
+worse sample quality than CD" hold here? The ODE error is measured against the exact PF-ODE map on toy data, and
+against the teacher's own PF-ODE solution of the same noise on images (at one step, for runs with a trained
+teacher: cmbench.metrics.ode_ref). The claim is declared once (`DIRECT_CM_VS_CD`); every function here takes it."""
 from __future__ import annotations
 
 import math
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cmbench.metrics.keys import FD, ODE_ERROR, SLICED_W2, W2
+from cmbench.metrics.keys import FD, FID, ODE_ERROR, SLICED_W2, W2
 from cmbench.report.outputs import ode_vs_quality_files
-from cmbench.report.records import last_step
+from cmbench.report.records import last_step, with_keys
 from cmbench.report.tables import BOOKTABS, TEX_HEADER, md_table, mean_sd, tex_table, write_csv, write_lines
 
 
@@ -40,22 +41,26 @@ VERDICT_COLUMNS = ["dataset", "nfe", "quality_metric", "outcome", "verdict"]
 
 
 def quality_metrics(d: pd.DataFrame) -> list[str]:
-    """W2 where the data are Gaussian (exact), else the Fréchet distance and sliced W2 (mixtures)."""
+    """The quality columns among records with column keys (records.with_keys: the metric, with [backend/mode]
+    where several backends give it): W2 where the data are Gaussian (exact); else the Fréchet distance (data or
+    pixel space), sliced W2 (mixtures) and each backend's FID (images)."""
     present = set(d["metric"])
-    return [W2] if W2 in present else [m for m in (FD, SLICED_W2) if m in present]
+    metrics = [W2] if W2 in present else [m for m in (FD, SLICED_W2, FID) if m in present]
+    return [k for m in metrics for k in sorted(set(d.loc[d["metric"] == m, "key"]))]
 
 
 def comparisons(df: pd.DataFrame) -> Iterator[tuple[str, int, str, pd.DataFrame, pd.DataFrame]]:
-    """(dataset, NFE, quality metric, ODE-error records, quality records) for every dataset with ODE-error
-    records, at NFES, from each run's last-step records."""
+    """(dataset, NFE, quality metric, ODE-error records, quality records) for every dataset and NFE (of NFES) with
+    ODE-error records (images have them at one step only), from each run's last-step records."""
     d = last_step(df)
     d = d[d["nfe"].isin(NFES)]
     for dataset, dd in d.groupby("dataset", sort=True):
         if ODE_ERROR not in set(dd["metric"]):
             continue
-        for nfe, dn in dd.groupby("nfe", sort=True):
-            for qm in quality_metrics(dn):
-                yield dataset, int(nfe), qm, dn[dn["metric"] == ODE_ERROR], dn[dn["metric"] == qm]
+        for nfe, dn in with_keys(dd).groupby("nfe", sort=True):
+            ode = dn[dn["metric"] == ODE_ERROR]
+            for qm in quality_metrics(dn) if len(ode) else []:
+                yield dataset, int(nfe), qm, ode, dn[dn["key"] == qm]
 
 
 def _stats(v: pd.Series) -> tuple[float, float, int]:
@@ -105,12 +110,12 @@ def verdict(claim: Claim, ode: dict, quality: dict, metric: str) -> tuple[str, s
 
 def ode_vs_quality(df: pd.DataFrame, claim: Claim) -> tuple[pd.DataFrame, pd.DataFrame]:
     """From records with an ODE-error metric, at NFES: a table (TABLE_COLUMNS: dataset, NFE, quality metric,
-    variant, ODE error, quality, seeds) for every variant, and one verdict on the claim per dataset, NFE and
-    quality metric (VERDICT_COLUMNS)."""
+    variant, ODE error, quality, seeds) for every variant with an ODE error, and one verdict on the claim per
+    dataset, NFE and quality metric (VERDICT_COLUMNS)."""
     rows, verdicts = [], []
     for dataset, nfe, qm, ode_v, q_v in comparisons(df):
         ode, qual = {}, {}
-        for variant in sorted(set(ode_v["variant"]) | set(q_v["variant"])):
+        for variant in sorted(set(ode_v["variant"])):
             o, q = ode_v[ode_v["variant"] == variant], q_v[q_v["variant"] == variant]
             if len(o):
                 ode[variant] = _stats(o["value"])
@@ -137,14 +142,18 @@ def points(df: pd.DataFrame) -> pd.DataFrame:
 def write_ode_vs_quality(df: pd.DataFrame, suite: str, tables: Path, claim: Claim) -> list[Path]:
     table, verdicts = ode_vs_quality(df, claim)
     intro = (f"Claim tested ({claim.source}): \"{claim.text}\". Quality: W2 for Gaussian data, "
-             "Fréchet distance and sliced W2 for mixtures (lower is better). A verdict holds or fails only when "
+             "Fréchet distance and sliced W2 for mixtures, pixel-space Fréchet distance and FID for images (lower "
+             "is better). The ODE error is measured against the exact PF-ODE map on toy data; on images, at one "
+             "step, against the teacher's own Heun solution of the same noise (records: ode_ref_convergence is that "
+             "solution's own error, against twice the steps). A verdict holds or fails only when "
              f"the mean ± sd (over seeds) intervals of {claim.name} and {claim.baseline_name} are apart. At NFE 2 "
              "the sampler re-noises with fresh noise, so the ODE error there mostly measures that noise (its ideal "
              "is n/a); the NFE 1 verdicts are the ones that test the claim.")
     md = [f"# ODE error vs sample quality: suite `{suite}`", "", intro, ""]
     tex = [TEX_HEADER, f"% ODE error vs sample quality: suite {suite}", f"% {intro}", ""]
     if table.empty:
-        none = f"No {ODE_ERROR} records in this suite (toy suites only)."
+        none = (f"No {ODE_ERROR} records in this suite (toy data; images: runs with a trained teacher, at one "
+                "step).")
         md.append(none)
         tex.append(f"% {BOOKTABS.escape(none)}")
     else:
