@@ -94,7 +94,7 @@ def test_init_student_needs_the_teachers_network(data, configs, monkeypatch):
 def test_paper_dag_plans_on_the_release_format(data, suite, tmp_path):
     """`snakemake -n --profile slurm all --config suite=S set="dataset.path=DIR"` on a local copy in the real
     format: the teacher and every variant trained, sampled at NFE 1 and 2 (the teacher with Heun), evaluated by
-    the three FID backends (and pixel FD on CIFAR-10), and the tables."""
+    the three FID backends (and pixel FD on CIFAR-10), the tables and the sample pictures."""
     r = run_snakemake("-n", "--profile", "slurm", "--config", f"suite={suite}", f"results={tmp_path / 'res'}",
                       f"set=dataset.path={data[suite]}", env={"CMBENCH_WEIGHTS": str(data["plan-weights"])})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -102,7 +102,8 @@ def test_paper_dag_plans_on_the_release_format(data, suite, tmp_path):
     samples = (variants - 1) * 2 + 1
     # references: one per metric set, and on CIFAR-10 (pixel metrics on) the teacher's ODE solution, shared
     assert planned_jobs(r.stdout) == {"all": 1, "train": variants, "sample": samples, "evaluate": samples * sets,
-                                      "collect": variants, "reference": sets + (suite == "cifar10"), "report": 1}
+                                      "collect": variants, "reference": sets + (suite == "cifar10"), "report": 1,
+                                      "pictures": 1}
 
 
 def check_smoke_outputs(results: Path, suite: str) -> pd.DataFrame:
