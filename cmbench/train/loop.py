@@ -21,6 +21,7 @@ from cmbench.nets import build_model
 from cmbench.teacher import build_teacher
 from cmbench.draws import Draws
 from cmbench.train import distributed
+from cmbench.train.flops import flops_per_step
 
 
 def build_optimizer(cfg: RunConfig, params):
@@ -222,9 +223,9 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
            on_step: Callable[[int], None] | None, on_save: Callable[[int, float], None] | None) -> Path:
     final = paths.final_weights(rdir)
     main = rank == 0
-    if finished(cfg, rdir, main):
-        return final
     ckdir = paths.checkpoints_dir(rdir)
+    if finished(cfg, rdir, main) and not checkpoint.missing_snapshots(rdir, cfg.evaluated_steps()):
+        return final
     if main:
         write_run_config(cfg, rdir)      # planning wrote it; a run started from Python writes it here
         checkpoint.set_aside_other_config(rdir, cfg.hash)
@@ -236,7 +237,14 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     tr = Trainer.build(cfg, rdir, dev)
-    start, window = resume(tr, ckdir, main)
+    flops = flops_per_step(cfg, tr.model, tr.loss_fn.teacher, dev)
+    start, window, seconds = resume(tr, ckdir, main, checkpoint.missing_snapshots(rdir, cfg.evaluated_steps()))
+    clock = time.perf_counter() - seconds     # training wall seconds count on across resumes
+
+    def budget(done: int) -> dict:
+        """What the weights after `done` steps cost: saved with them, read into every metric record."""
+        return {"images": done * t.batch, "train_seconds": time.perf_counter() - clock,
+                "train_flops": None if flops is None else done * flops}
     stats_path = paths.stats_file(rdir)
     if main:
         truncate_stats(stats_path, start)
@@ -244,10 +252,11 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=None if progress and main else True,
                desc=f"{cfg.run.variant}/{cfg.run.dataset}/s{cfg.run.seed}", mininterval=2, leave=False)
     parts = micro_batches(t.batch, t.batch_per_device, rank, world)
+    snapshots = set(cfg.evaluated_steps())
 
     def save(done: int) -> None:
         t0 = time.perf_counter()
-        checkpoint.save_atomic({**tr.state_dict(done), "stats_window": log.window()},
+        checkpoint.save_atomic({**tr.state_dict(done), "stats_window": log.window(), **budget(done)},
                                checkpoint.ckpt_path(ckdir, done))
         checkpoint.prune(ckdir, t.keep_checkpoints)
         if on_save is not None:
@@ -266,27 +275,32 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
             # the last step too: final.pt can then be rebuilt without training (Snakemake deletes a re-run job's outputs)
             if main and (done % t.checkpoint_every == 0 or done == t.steps):
                 save(done)
+            if main and done in snapshots:
+                checkpoint.save_atomic({"step": done, "config_hash": cfg.hash, "ema": tr.ema.state_dict(),
+                                        **budget(done)}, paths.weights_file(rdir, done))
     if on_step is not None:
         on_step(t.steps)
     distributed.barrier(world)
     if main:
         checkpoint.save_atomic({"step": t.steps, "config_hash": cfg.hash, "model": tr.model.state_dict(),
-                                "ema": tr.ema.state_dict()}, final)
+                                "ema": tr.ema.state_dict(), **budget(t.steps)}, final)
     return final
 
 
-def resume(tr: Trainer, ckdir: Path, main: bool) -> tuple[int, tuple[float, int]]:
-    """Load the newest valid checkpoint of this config into tr; returns the step to start from (0: none) and
-    the stats window saved with it (StatsLog)."""
-    state, path = checkpoint.load_latest_valid(ckdir)
+def resume(tr: Trainer, ckdir: Path, main: bool, missing: list[int]) -> tuple[int, tuple[float, int], float]:
+    """Load the newest valid checkpoint of this config into tr, at or before the first `missing` snapshot step
+    (evaluate.every changed: training redoes the steps from there, bit-identically); returns the step to start
+    from (0: none), the stats window saved with it (StatsLog) and the training seconds so far."""
+    state, path = checkpoint.load_latest_valid(ckdir, missing[0] if missing else None)
     if state is None:
-        return 0, (0.0, 0)
+        return 0, (0.0, 0), 0.0
     if state["config_hash"] != tr.cfg.hash:
         raise ConfigError(f"{path} was written by config {state['config_hash']}, not {tr.cfg.hash}")
     start = tr.load_state_dict(state)
     if main:
         print(f"cmbench: resuming {ckdir.parent} from {path.name} (step {start})", file=sys.stderr)
-    return start, tuple(state.get("stats_window", (0.0, 0)))      # absent in checkpoints of older versions
+    # both absent in checkpoints of older versions
+    return start, tuple(state.get("stats_window", (0.0, 0))), state.get("train_seconds", 0.0)
 
 
 class StatsLog:
