@@ -30,6 +30,22 @@ def _batch_labels(labels: np.ndarray | None, lo: int, batch: int, dev) -> torch.
     return None if labels is None else torch.from_numpy(labels[lo:lo + batch]).to(dev)
 
 
+NOISE_MEMO_BYTES = 256 * 2**20
+_noise_memo: dict = {}
+
+
+def memo_noise(key: tuple, make) -> np.ndarray:
+    """make(), remembered under `key` while the memo stays under NOISE_MEMO_BYTES: the final weights and every
+    EMA snapshot of a run sample the same seeds, so they share the per-seed noise (cmbench.seeds), which on toy
+    data costs more than the network."""
+    if key not in _noise_memo:
+        value = make()
+        if sum(v.nbytes for v in _noise_memo.values()) + value.nbytes > NOISE_MEMO_BYTES:
+            _noise_memo.clear()
+        _noise_memo[key] = value
+    return _noise_memo[key]
+
+
 @torch.no_grad()
 def consistency_sample(model, sigmas: list[float], seeds: np.ndarray, x_t: np.ndarray, sigma_min: float,
                        batch: int, renoise: str = "cm", clip_denoised: bool = False,
@@ -46,7 +62,9 @@ def consistency_sample(model, sigmas: list[float], seeds: np.ndarray, x_t: np.nd
         for k, sigma in enumerate(sigmas[1:], start=1):
             if clip_denoised:
                 x = x.clamp(-1, 1)
-            z = torch.from_numpy(seed_noise(s, tuple(x.shape[1:]), k).astype(np.float32)).to(dev)
+            z = memo_noise(("z", s.tobytes(), tuple(x.shape[1:]), k),
+                           lambda: seed_noise(s, tuple(x.shape[1:]), k).astype(np.float32))
+            z = torch.from_numpy(z).to(dev)
             x = model(x + RENOISE[renoise](sigma, sigma_min) * z, torch.tensor(sigma, device=dev), y)
         out.append(x.cpu().numpy())
     return np.concatenate(out)
@@ -109,10 +127,12 @@ def sample_weights(rdir: Path, nfe: int, step: int | None, out: Path | None = No
     sigmas, smp, image = cfg.sigma_list(nfe), cfg.sample, isinstance(cfg.dataset, ImageData)
     seeds = shard_seeds(sample_seeds(cfg), shard, shards)
     labels = seed_labels(seeds, cfg.dataset.num_classes) if cfg.dataset.conditional else None
-    parts = []
+    parts, starts = [], []
     for lo in range(0, len(seeds), smp.batch):
         s, y = seeds[lo:lo + smp.batch], None if labels is None else labels[lo:lo + smp.batch]
-        x_t = initial_noise(cfg, nfe, s)
+        x_t = memo_noise(("x_t", s.tobytes(), tuple(cfg.dataset.shape), sigmas[0]),
+                         lambda: initial_noise(cfg, nfe, s))
+        starts.append(x_t)
         if smp.sampler == "heun":
             x = ode_sample(model, sigmas, x_t, smp.batch, y)
         else:
@@ -134,7 +154,7 @@ def sample_weights(rdir: Path, nfe: int, step: int | None, out: Path | None = No
     if image:
         arrays["images"] = np.concatenate(parts)
     else:   # toy: float samples and x_T, which evaluation checks against the cached exact endpoints
-        arrays.update(samples=np.concatenate(parts), x_t=initial_noise(cfg, nfe, seeds))
+        arrays.update(samples=np.concatenate(parts), x_t=np.concatenate(starts))
     out = Path(out) if out else (paths.samples_file(rdir, nfe, step) if shards == 1
                                  else paths.samples_shard(rdir, nfe, shard, shards, step))
     return io.save_npz(out, **arrays)

@@ -133,11 +133,12 @@ def load_reference(cfg: RunConfig, nfe: int, ref_file: Path, metric_set: str) ->
 META_KEYS = {"nfe", "sigmas", "sigma_min", "sampler", "renoise", "weights", "checkpoint_sha256", "sample_hash"}
 
 
-def check_samples(path: Path, smp: dict, cfg: RunConfig, nfe: int, rdir: Path, step: int | None = None) -> dict:
+def check_samples(path: Path, smp: dict, cfg: RunConfig, nfe: int, rdir: Path, step: int | None = None,
+                  x_t: np.ndarray | None = None) -> dict:
     """The sample file's `meta`, once the file is shown to be this run's samples at this NFE: its NFE, σ list,
     sampler, seeds, labels and array shapes match the run config and its checkpoint hash matches the run's
     final.pt (or the EMA snapshot of `step`). Anything else is DamagedFile naming the file and the fix (read_npz
-    already refused NaN and inf)."""
+    already refused NaN and inf). `x_t`: the run's initial noise, when the caller has it already."""
     def bad(what):
         raise DamagedFile(f"{path}: {what}; {RESAMPLE}")
     meta = json_field(path, smp, "meta")
@@ -167,7 +168,7 @@ def check_samples(path: Path, smp: dict, cfg: RunConfig, nfe: int, rdir: Path, s
         if k not in smp or smp[k].shape != shp or (dtype and smp[k].dtype != dtype):
             got = f"{smp[k].shape} {smp[k].dtype}" if k in smp else "nothing"
             bad(f"its {k} are {got}, not {shp}{f' {np.dtype(dtype)}' if dtype else ''}")
-    if not is_image(cfg) and not np.array_equal(smp["x_t"], initial_noise(cfg, nfe)):
+    if not is_image(cfg) and not np.array_equal(smp["x_t"], initial_noise(cfg, nfe) if x_t is None else x_t):
         bad("its initial noise x_t is not the run's")
     final = paths.weights_file(rdir, step)
     if not final.is_file():
@@ -208,18 +209,19 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "d
         raise ValueError(f"{rdir}: metric set {metric_set!r} is not one of {cfg.metric_sets()}")
     ref_file = reference_path(cfg, nfe, results, metric_set)
     ref = load_reference(cfg, nfe, ref_file, metric_set)
+    x_t = None if is_image(cfg) else initial_noise(cfg, nfe)     # the same for every step's samples
     records = [r for step in [*cfg.evaluated_steps(), None]
-               for r in _evaluate_samples(cfg, rdir, nfe, step, metric_set, ref, ref_file)]
+               for r in _evaluate_samples(cfg, rdir, nfe, step, metric_set, ref, ref_file, x_t)]
     return write_records(paths.metrics_file(rdir, nfe, metric_set), records)
 
 
 def _evaluate_samples(cfg: RunConfig, rdir: Path, nfe: int, step: int | None, metric_set: str, ref,
-                      ref_file: Path) -> list[dict]:
+                      ref_file: Path, x_t: np.ndarray | None) -> list[dict]:
     """The records of one samples file: the final weights' (step None) or the EMA snapshot's of `step`."""
     t0 = time.perf_counter()
     samples = paths.samples_file(rdir, nfe, step)
     smp = read_npz(samples, ("seeds", "sigmas", "meta"))
-    meta = check_samples(samples, smp, cfg, nfe, rdir, step)
+    meta = check_samples(samples, smp, cfg, nfe, rdir, step, x_t)
     if metric_set != "data":
         from cmbench.metrics import fid
         r = fid.fid_npz(samples, ref_file, metric_set, device=_device(), network=cfg.evaluate.cleanfid_network,
