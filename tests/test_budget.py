@@ -15,7 +15,7 @@ from cmbench.teacher import build_teacher
 from cmbench.train import flops, loop
 from conftest import REPO, edit_yaml
 
-TINY = {"train": {"steps": 30, "batch": 16, "checkpoint_every": 5, "log_every": 5},
+TINY = {"train": {"steps": 30, "batch": 16, "checkpoint_every": 5, "keep_checkpoints": 10, "log_every": 5},
         "sample": {"n": 200}, "evaluate": {"ref_n": 500, "floor_repeats": 1, "sliced_projections": 16}}
 
 
@@ -108,7 +108,7 @@ def test_a_new_evaluate_every_retrains_only_for_missing_snapshots(tmp_path, run,
     rdir = paths.run_dir(tmp_path, plain.run)
     loop.train(plain, rdir, progress=False)
     assert not list(paths.checkpoints_dir(rdir).glob("ema-*"))
-    loop.train(config(every=10), rdir, progress=False)        # no checkpoint before step 10 is kept: from 0
+    loop.train(config(every=10), rdir, progress=False)        # from the checkpoint at step 5
     for step in (10, 20):
         assert same_ema(paths.weights_file(rdir, step), paths.weights_file(ref, step))
     assert same_ema(paths.final_weights(rdir), paths.final_weights(ref))

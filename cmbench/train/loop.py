@@ -288,10 +288,11 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
 
 
 def resume(tr: Trainer, ckdir: Path, main: bool, missing: list[int]) -> tuple[int, tuple[float, int], float]:
-    """Load the newest valid checkpoint of this config into tr, at or before the first `missing` snapshot step
-    (evaluate.every changed: training redoes the steps from there, bit-identically); returns the step to start
-    from (0: none), the stats window saved with it (StatsLog) and the training seconds so far."""
-    state, path = checkpoint.load_latest_valid(ckdir, missing[0] if missing else None)
+    """Load the newest valid checkpoint of this config into tr, from before the first `missing` snapshot step
+    (evaluate.every changed: training redoes the steps from there, bit-identically, and writes the snapshot as
+    it passes); returns the step to start from (0: none), the stats window saved with it (StatsLog) and the
+    training seconds so far."""
+    state, path = checkpoint.load_latest_valid(ckdir, missing[0] - 1 if missing else None)
     if state is None:
         return 0, (0.0, 0), 0.0
     if state["config_hash"] != tr.cfg.hash:
