@@ -101,6 +101,18 @@ def load_weights(rdir: Path, step: int | None = None) -> dict:
                           f"re-run snakemake (training redoes the steps up to it)") from None
 
 
+def training_cost(rdir: Path, step: int | None, weights: dict) -> dict:
+    """Training wall seconds and FLOPs up to the weights sampled, for the metric records: a snapshot holds them;
+    final.pt does not (its bytes depend on the weights alone), the checkpoint of its step does. None where
+    absent (files of older versions, a deleted checkpoint)."""
+    if step is None:
+        try:
+            weights = checkpoint.load(checkpoint.ckpt_path(paths.checkpoints_dir(rdir), weights["step"]))
+        except (FileNotFoundError, DamagedFile):
+            weights = {}
+    return {k: weights.get(k) for k in ("train_seconds", "train_flops")}
+
+
 def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, shards: int = 1) -> Path:
     """Sample a finished run with the sampling EMA (its seeds' shard `shard` of `shards`): the final weights
     into `out` (default: the run's samples file), then, unless `out` is given, each EMA snapshot of
@@ -142,9 +154,7 @@ def sample_weights(rdir: Path, nfe: int, step: int | None, out: Path | None = No
     consistency = smp.sampler == "consistency"
     meta = {"config_hash": cfg.hash, "sample_hash": cfg.sample_hash(nfe),
             "checkpoint_sha256": io.file_sha256(paths.weights_file(rdir, step))[:16], "weights": "ema", "nfe": nfe,
-            # what the weights cost to train (absent in weights of older versions), for the metric records
-            "step": weights["step"], "train_seconds": weights.get("train_seconds"),
-            "train_flops": weights.get("train_flops"),
+            "step": weights["step"], **training_cost(rdir, step, weights),
             "sigmas": sigmas, "sigma_min": cfg.precond.sigma_min,
             "sampler": smp.sampler, "renoise": smp.renoise if consistency else None,
             "clip_denoised": smp.clip_denoised if consistency else None, "conditional": cfg.dataset.conditional}

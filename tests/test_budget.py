@@ -99,7 +99,7 @@ def test_a_resumed_run_writes_the_snapshots_of_an_uninterrupted_one(tmp_path, ru
         assert same_ema(paths.weights_file(rdir, step), paths.weights_file(ref, step))
     assert same_ema(paths.final_weights(rdir), paths.final_weights(ref))
     seconds = [checkpoint.load(paths.weights_file(rdir, s))["train_seconds"] for s in (10, 20)]
-    assert seconds[0] < seconds[1] < checkpoint.load(paths.final_weights(rdir))["train_seconds"]
+    assert seconds[0] < seconds[1] < checkpoint.load(checkpoint.ckpt_path(rdir / "checkpoints", 30))["train_seconds"]
 
 
 def test_a_new_evaluate_every_retrains_only_for_missing_snapshots(tmp_path, run, capsys):
@@ -139,3 +139,4 @@ def test_suite_settings_that_are_not_a_mapping_are_one_line_errors(configs):
                                                            "seeds": [0], "settings": [1]}}})
     with pytest.raises(ConfigError, match=r"experiment.yaml: suite 'x': settings: must be a mapping"):
         Experiment(configs).suite("x")
+

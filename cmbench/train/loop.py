@@ -242,7 +242,8 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
     clock = time.perf_counter() - seconds     # training wall seconds count on across resumes
 
     def budget(done: int) -> dict:
-        """What the weights after `done` steps cost: saved with them, read into every metric record."""
+        """What the weights after `done` steps cost, saved in checkpoints and snapshots (not in final.pt, whose
+        bytes depend on the weights alone: the checkpoint of the last step holds its figures) for the records."""
         return {"images": done * t.batch, "train_seconds": time.perf_counter() - clock,
                 "train_flops": None if flops is None else done * flops}
     stats_path = paths.stats_file(rdir)
@@ -283,7 +284,7 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
     distributed.barrier(world)
     if main:
         checkpoint.save_atomic({"step": t.steps, "config_hash": cfg.hash, "model": tr.model.state_dict(),
-                                "ema": tr.ema.state_dict(), **budget(t.steps)}, final)
+                                "ema": tr.ema.state_dict()}, final)
     return final
 
 
