@@ -3,6 +3,7 @@ collect) in this process, with the suite's evaluate.every against without it: wh
 at checkpoints adds to the toy suite's wall time (target ≤ 1.15, issue 12). Each variant's two runs are timed
 back to back (A B, the order reversed for every other variant) after an untimed warm-up run; the cached
 references are built first and shared, so neither side pays for them."""
+import json
 import shutil
 import tempfile
 import time
@@ -20,6 +21,15 @@ def _timed_run(cfg, results: Path) -> float:
     t0 = time.perf_counter()
     run_stage("run", str(rdir), None)
     return time.perf_counter() - t0
+
+
+def _checkpoint_evaluation_s(cfg, results: Path) -> float:
+    """The evaluation seconds of the checkpoints' records (wall_time_s, one per NFE, metric set and step): the
+    part of the added time that does not drown in a loaded machine's noise (sampling is not in it)."""
+    from cmbench import paths
+    records = json.loads(paths.records_file(paths.run_dir(results, cfg.run)).read_text())
+    return sum({(r["nfe"], r["backend"], r["step"]): r["wall_time_s"] for r in records
+                if r["step"] < cfg.train.steps}.values())
 
 
 def bench_eval_every(sizes: dict, configs) -> dict:
@@ -49,21 +59,25 @@ def bench_eval_every(sizes: dict, configs) -> dict:
                     results.mkdir()
                     (results / "reference").symlink_to(shared)
                 timings.setdefault(variant, {})[name] = _timed_run(c, results)
+            timings[variant]["checkpoint_evaluation"] = _checkpoint_evaluation_s(cfg, tmp / "with")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     with_s = sum(t["with"] for t in timings.values())
     without_s = sum(t["without"] for t in timings.values())
+    evaluation_s = sum(t["checkpoint_evaluation"] for t in timings.values())
     ratio = with_s / without_s
     return {
         "benchmark": "eval_every",
         "title": f"toy runs ({dataset}, seed 0, {len(variants)} variants) with evaluate.every {every} vs without",
         "method": "cmbench.launch.run_stage('run') per variant at the toy suite's budgets"
                   + (f" (train.steps {steps})" if steps else "") + ": train, sample, evaluate, collect",
-        "timings": timings, "with_s": with_s, "without_s": without_s, "evaluate_every": every,
+        "timings": timings, "with_s": with_s, "without_s": without_s, "checkpoint_evaluation_s": evaluation_s,
+        "evaluate_every": every,
         "ratio": ratio, "target": {"op": "<=", "value": TARGETS["eval_every"],
                                    "source": "issue 12: checkpoint evaluation adds at most 15% to the toy suite"},
         "met": ratio <= TARGETS["eval_every"],
-        "measured": f"{with_s:.0f} s with vs {without_s:.0f} s without",
+        "measured": f"{with_s:.0f} s with vs {without_s:.0f} s without (of which evaluating checkpoints "
+                    f"{evaluation_s:.0f} s)",
         "notes": "in-process stages: the suite's per-job process start-up, reference builds and report are "
                  "left out of both sides, so the ratio over the whole suite's wall time is lower still.",
     }
