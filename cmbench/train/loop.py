@@ -240,6 +240,7 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
     flops = flops_per_step(cfg, tr.model, tr.loss_fn.teacher, dev)
     start, window, seconds = resume(tr, ckdir, main, checkpoint.missing_snapshots(rdir, cfg.evaluated_steps()))
     clock = time.perf_counter() - seconds     # training wall seconds count on across resumes
+    snapshots = set(cfg.evaluated_steps())
 
     def budget(done: int) -> dict:
         """What the weights after `done` steps cost, saved in checkpoints and snapshots (not in final.pt, whose
@@ -253,7 +254,6 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=None if progress and main else True,
                desc=f"{cfg.run.variant}/{cfg.run.dataset}/s{cfg.run.seed}", mininterval=2, leave=False)
     parts = micro_batches(t.batch, t.batch_per_device, rank, world)
-    snapshots = set(cfg.evaluated_steps())
 
     def save(done: int) -> None:
         t0 = time.perf_counter()
