@@ -140,3 +140,13 @@ def test_suite_settings_that_are_not_a_mapping_are_one_line_errors(configs):
     with pytest.raises(ConfigError, match=r"experiment.yaml: suite 'x': settings: must be a mapping"):
         Experiment(configs).suite("x")
 
+
+
+def test_a_snapshot_is_the_ema_a_run_of_that_many_steps_ends_with(tmp_path):
+    """EDM's loss and a constant EMA decay do not depend on train.steps: the snapshot after 10 of 30 steps is
+    the final EMA of a 10-step run."""
+    long, short = config(every=10, variant="edm"), config(every=None, variant="edm", steps=10)
+    loop.train(long, paths.run_dir(tmp_path / "long", long.run), progress=False)
+    loop.train(short, paths.run_dir(tmp_path / "short", short.run), progress=False)
+    assert same_ema(paths.weights_file(paths.run_dir(tmp_path / "long", long.run), 10),
+                    paths.final_weights(paths.run_dir(tmp_path / "short", short.run)))
