@@ -117,6 +117,7 @@ if P.fuse:
             # rebuilt from the last checkpoint); changed evaluation settings change the references (inputs)
             config_hash=lambda w: P.run(w).hash,
             sample_hash=P.sample_hash,
+            evaluate_every=P.evaluate_every,
             args=P.args,
         threads: lambda w: P.run(w).train.threads
         resources:
@@ -135,6 +136,7 @@ else:
             FINAL,
         params:
             config_hash=lambda w: P.run(w).hash,   # a changed training re-runs the job (sampling does not)
+            evaluate_every=P.evaluate_every,
             args=P.args,
         threads: lambda w: P.run(w).train.threads
         resources:
@@ -151,6 +153,7 @@ else:
             SAMPLES,
         params:
             sample_hash=P.sample_hash,   # changed sampling settings of this NFE re-run the job
+            evaluate_every=P.evaluate_every,
             args=P.args,
         resources:
             cluster_jobs=1,   # a queued job (capped by the slurm profile)
@@ -168,6 +171,7 @@ else:
             METRICS,
         params:
             sample_hash=P.sample_hash,   # the samples it reads (changed evaluation settings change the reference)
+            evaluate_every=P.evaluate_every,
             args=P.args,
             metric=P.metric_set,
         resources:

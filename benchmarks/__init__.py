@@ -18,9 +18,11 @@ Markdown table of the run is printed (and written to `table.md` beside them).
                               same generated and reference images (target ≤ 1.05), cold (no reference
                               statistics cached on either side) and warm (both cached).
     ode_ground_truth          exact PF-ODE map of 10k ring2d points vs scipy solve_ivp called per point.
+    eval_every                the toy suite's ring2d runs (seed 0, each variant at its budget) with the suite's
+                              evaluate.every vs without: what checkpoint evaluation adds (target ≤ 1.15).
     toy_suite                 `snakemake --cores 2 all` into a fresh results dir (only with --toy-suite).
     gpu_ddpmpp                DDPM++ CIFAR-10 training and 1-step sampling images/s (only with CUDA).
 
-Modules: steps (the first two), fid, ode, toy_suite, gpu; common (provenance, interleaving, records, the
+Modules: steps (the first two), fid, ode, eval_every, toy_suite, gpu; common (provenance, interleaving, records, the
 table); __main__ (the command). Timed assertions belong here, never in the tests.
 """

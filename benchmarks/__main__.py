@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import REPO, SIZES, fmt_ratio, git_state, machine, table, write_record
+from benchmarks.eval_every import bench_eval_every
 from benchmarks.fid import bench_fid
 from benchmarks.gpu import bench_gpu
 from benchmarks.ode import bench_ode
@@ -13,9 +14,9 @@ from benchmarks.steps import bench_steps
 from benchmarks.toy_suite import bench_toy_suite
 from cmbench import io
 
-BENCHES = ("harness", "sct", "fid", "ode", "toy_suite", "gpu")
+BENCHES = ("harness", "sct", "fid", "ode", "eval_every", "toy_suite", "gpu")
 ORDER = ["harness_step_mlp", "harness_step_unet", "sct_vs_ict_unet", "sct_vs_ict_mlp", "fid_torch_fidelity",
-         "ode_ground_truth", "toy_suite", "gpu_ddpmpp"]   # rows of the table
+         "ode_ground_truth", "eval_every", "toy_suite", "gpu_ddpmpp"]   # rows of the table
 
 
 def _records(want: set, sizes: dict, configs, out: Path):
@@ -33,6 +34,9 @@ def _records(want: set, sizes: dict, configs, out: Path):
             torch.set_num_threads(threads)
         if "ode" in want:
             yield bench_ode(sizes, configs)
+        if "eval_every" in want:
+            yield bench_eval_every(sizes, configs)
+            torch.set_num_threads(threads)
         if "toy_suite" in want:
             yield bench_toy_suite(sizes, REPO, keep=out)
         if "gpu" in want:
@@ -80,7 +84,7 @@ def main(argv=None) -> None:
     ap.add_argument("--toy-suite", action="store_true", help="also time `snakemake --cores 2 all` end to end (~10 min)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the plumbing, not the speed")
     ap.add_argument("--only", type=lambda s: s.split(","), default=None, metavar="NAME[,NAME]",
-                    help="harness, sct, fid, ode, toy_suite, gpu (default: all; toy_suite needs --toy-suite)")
+                    help="harness, sct, fid, ode, eval_every, toy_suite, gpu (default: all; toy_suite needs --toy-suite)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default: 3; --quick: 1)")
     ap.add_argument("--configs", default="configs", help="config directory (default: %(default)s)")
     a = ap.parse_args(argv)

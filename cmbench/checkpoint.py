@@ -17,6 +17,7 @@ from cmbench.errors import DamagedFile
 _CKPT = re.compile(r"^ckpt-(\d{9})\.pt$")
 REQUIRED = ("step", "config_hash", "model", "ema", "optimizer", "generator", "torch_rng")
 FINAL_REQUIRED = ("step", "config_hash", "model", "ema")
+SNAPSHOT_REQUIRED = ("step", "config_hash", "ema")
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -83,15 +84,23 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _CKPT.match(p.name))
 
 
-def load_latest_valid(folder: Path) -> tuple[dict, Path] | tuple[None, None]:
-    """The newest checkpoint that passes its check and holds every required entry; damaged ones are reported
-    and skipped (left in place: the run overwrites them when it reaches their step again)."""
+def load_latest_valid(folder: Path, at_most: int | None = None) -> tuple[dict, Path] | tuple[None, None]:
+    """The newest checkpoint (of step ≤ at_most, when given) that passes its check and holds every required
+    entry; damaged ones are reported and skipped (left in place: the run overwrites them when it reaches their
+    step again)."""
     for path in reversed(list_checkpoints(folder)):
+        if at_most is not None and int(_CKPT.match(path.name)[1]) > at_most:
+            continue
         try:
             return load(path, REQUIRED), path
         except DamagedFile as e:  # a torn or corrupt file: fall back to the previous one
             print(f"cmbench: skipping unreadable checkpoint {e}", file=sys.stderr)
     return None, None
+
+
+def missing_snapshots(rdir: Path, steps: list[int]) -> list[int]:
+    """The steps of `steps` whose EMA snapshot (paths.weights_file) does not exist yet, oldest first."""
+    return [s for s in steps if not paths.weights_file(rdir, s).is_file()]
 
 
 def prune(folder: Path, keep: int) -> None:

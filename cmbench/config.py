@@ -304,6 +304,9 @@ class Evaluate(Strict):
     # of the same network, on torch-fidelity's network only) make the Fréchet distance cheap for smoke runs
     fid_dims: Literal[64, 192, 768, 2048] = 2048
     batch: PosInt = 250                 # images per feature-extraction batch
+    # also evaluate the sampling EMA every this many training steps (same sampler and metrics as the final
+    # weights; training keeps an EMA-only snapshot at each): learning curves. None: the final weights only
+    every: Steps | None = None
 
     @model_validator(mode="after")
     def _dims(self):
@@ -362,6 +365,11 @@ class RunConfig(Strict):
         toy data, pixel-space FD of images) and each FID backend."""
         sets = [] if isinstance(self.dataset, ImageData) and not self.evaluate.pixel_fd else ["data"]
         return sets + list(self.evaluate.fid)
+
+    def evaluated_steps(self) -> list[int]:
+        """The training steps whose sampling EMA is evaluated before the last (evaluate.every), oldest first."""
+        every = self.evaluate.every
+        return list(range(every, self.train.steps, every)) if every else []
 
     def sigma_list(self, nfe: int) -> list[float]:
         """The explicit, descending σ list of the sampler at this NFE."""
@@ -557,8 +565,9 @@ class Experiment:
             raise ConfigError(f"{where}: no such suite (known: {', '.join(sorted(self.suites))})")
         s = self.suites[name]
         allowed = {"variants", "datasets", "seeds"}
-        if not isinstance(s, dict) or set(s) - allowed or not allowed <= set(s):
-            raise ConfigError(f"{where}: must have exactly the keys {sorted(allowed)}")
+        if not isinstance(s, dict) or set(s) - allowed - {"settings"} or not allowed <= set(s):
+            raise ConfigError(f"{where}: must have the keys {sorted(allowed)} and may have 'settings'")
+        mapping(s.get("settings"), f"{where}: settings")
         for key in ("variants", "datasets"):
             if not isinstance(s[key], list) or not s[key]:
                 raise ConfigError(f"{where}: {key} must be a non-empty list")
@@ -599,8 +608,11 @@ class Experiment:
                                  for k in ("per_kind", "per_dataset"))
         merged = deep_merge(merged, variant_cfg)
         kind = merged["dataset"].get("kind") if isinstance(merged.get("dataset"), dict) else None
+        # a suite's own settings (e.g. one budget for every variant) sit above the variants, below a scale
+        suite_cfg = self.suites.get(suite) if isinstance(self.suites.get(suite), dict) else {}
         layers = [(per_kind.get(kind), f"{vfile}: per_kind.{kind}"),
-                  (per_dataset.get(dataset), f"{vfile}: per_dataset.{dataset}")]
+                  (per_dataset.get(dataset), f"{vfile}: per_dataset.{dataset}"),
+                  (suite_cfg.get("settings"), f"{self.root / 'experiment.yaml'}: suite '{suite}' settings")]
         if scale is not None:
             sc, sfile = self.scale(scale), self.root / "scales" / f"{scale}.yaml"
             layers += [(sc.get("all"), f"{sfile}: all"),

@@ -37,6 +37,12 @@ def final_weights(rdir: Path) -> Path:
     return Path(rdir) / "final.pt"
 
 
+def weights_file(rdir: Path, step: int | None = None) -> Path:
+    """The weights sampled: final.pt (step None), else the EMA snapshot after `step` steps (evaluate.every), kept
+    beside the checkpoints (set aside with them when another config trains; never pruned)."""
+    return final_weights(rdir) if step is None else checkpoints_dir(rdir) / f"ema-{step:09d}.pt"
+
+
 def training_artifacts(rdir: Path) -> list[Path]:
     """What a run's training writes and carries its training hash (RunConfig.hash): set aside as a whole when
     another config trains in the run dir (cmbench.checkpoint.set_aside_other_config)."""
@@ -59,12 +65,17 @@ def logs_dir(rdir: Path) -> Path:
     return Path(rdir) / "logs"
 
 
-def samples_file(rdir: Path, nfe: int) -> Path:
-    return Path(rdir) / "samples" / f"nfe{nfe}.npz"
+def _at(step: int | None) -> str:
+    return "" if step is None else f"-step{step:09d}"
 
 
-def samples_shard(rdir: Path, nfe: int, shard: int, shards: int) -> Path:
-    return Path(rdir) / "samples" / f"nfe{nfe}.shard{shard}of{shards}.npz"
+def samples_file(rdir: Path, nfe: int, step: int | None = None) -> Path:
+    """The samples of the final weights (step None) or of the EMA snapshot of `step`."""
+    return Path(rdir) / "samples" / f"nfe{nfe}{_at(step)}.npz"
+
+
+def samples_shard(rdir: Path, nfe: int, shard: int, shards: int, step: int | None = None) -> Path:
+    return Path(rdir) / "samples" / f"nfe{nfe}{_at(step)}.shard{shard}of{shards}.npz"
 
 
 def slug(metric_set: str) -> str:

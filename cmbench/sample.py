@@ -14,6 +14,7 @@ from cmbench.config import ImageData, load_run_config
 from cmbench.nets import build_model
 from cmbench.seeds import initial_noise, sample_seeds, seed_labels, seed_noise
 from cmbench import checkpoint, devices, io
+from cmbench.errors import DamagedFile
 
 
 RENOISE = {"cm": lambda sigma, sigma_min: float(np.sqrt(sigma**2 - sigma_min**2)),   # CM Alg. 1, iCT
@@ -27,6 +28,22 @@ def model_device(model) -> torch.device:
 
 def _batch_labels(labels: np.ndarray | None, lo: int, batch: int, dev) -> torch.Tensor | None:
     return None if labels is None else torch.from_numpy(labels[lo:lo + batch]).to(dev)
+
+
+NOISE_MEMO_BYTES = 256 * 2**20
+_noise_memo: dict = {}
+
+
+def memo_noise(key: tuple, make) -> np.ndarray:
+    """make(), remembered under `key` while the memo stays under NOISE_MEMO_BYTES: the final weights and every
+    EMA snapshot of a run sample the same seeds, so they share the per-seed noise (cmbench.seeds), which on toy
+    data costs more than the network."""
+    if key not in _noise_memo:
+        value = make()
+        if sum(v.nbytes for v in _noise_memo.values()) + value.nbytes > NOISE_MEMO_BYTES:
+            _noise_memo.clear()
+        _noise_memo[key] = value
+    return _noise_memo[key]
 
 
 @torch.no_grad()
@@ -45,7 +62,9 @@ def consistency_sample(model, sigmas: list[float], seeds: np.ndarray, x_t: np.nd
         for k, sigma in enumerate(sigmas[1:], start=1):
             if clip_denoised:
                 x = x.clamp(-1, 1)
-            z = torch.from_numpy(seed_noise(s, tuple(x.shape[1:]), k).astype(np.float32)).to(dev)
+            z = memo_noise(("z", s.tobytes(), tuple(x.shape[1:]), k),
+                           lambda: seed_noise(s, tuple(x.shape[1:]), k).astype(np.float32))
+            z = torch.from_numpy(z).to(dev)
             x = model(x + RENOISE[renoise](sigma, sigma_min) * z, torch.tensor(sigma, device=dev), y)
         out.append(x.cpu().numpy())
     return np.concatenate(out)
@@ -70,25 +89,62 @@ def shard_seeds(seeds: np.ndarray, shard: int, shards: int) -> np.ndarray:
     return np.array_split(seeds, shards)[shard]
 
 
+def load_weights(rdir: Path, step: int | None = None) -> dict:
+    """The final weights or a snapshot, verified; a damaged or absent snapshot names the fix."""
+    if step is None:
+        return checkpoint.load_final(rdir)
+    path = paths.weights_file(rdir, step)
+    try:
+        return checkpoint.load(path, checkpoint.SNAPSHOT_REQUIRED)
+    except (FileNotFoundError, DamagedFile) as e:
+        raise DamagedFile(f"{path}: {'no such file' if isinstance(e, FileNotFoundError) else e}; delete it and "
+                          f"re-run snakemake (training redoes the steps up to it)") from None
+
+
+def training_cost(rdir: Path, step: int | None, weights: dict) -> dict:
+    """Training wall seconds and FLOPs up to the weights sampled, for the metric records: a snapshot holds them;
+    final.pt does not (its bytes depend on the weights alone), the checkpoint of its step does. None where
+    absent (files of older versions, a deleted checkpoint)."""
+    if step is None:
+        try:
+            weights = checkpoint.load(checkpoint.ckpt_path(paths.checkpoints_dir(rdir), weights["step"]))
+        except (FileNotFoundError, DamagedFile):
+            weights = {}
+    return {k: weights.get(k) for k in ("train_seconds", "train_flops")}
+
+
 def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, shards: int = 1) -> Path:
-    """Sample a finished run with the sampling EMA (its seeds' shard `shard` of `shards`); writes an npz with
-    the samples (or uint8 images), seeds, class labels (conditional data: one per seed), the σ list and a JSON
-    `meta` describing how they were made."""
+    """Sample a finished run with the sampling EMA (its seeds' shard `shard` of `shards`): the final weights
+    into `out` (default: the run's samples file), then, unless `out` is given, each EMA snapshot of
+    evaluate.every into its own samples file. Returns the final weights' samples file."""
     rdir = Path(rdir)
-    cfg, final = load_run_config(rdir), checkpoint.load_final(rdir)
+    final = sample_weights(rdir, nfe, None, out, shard, shards)
+    for step in [] if out else load_run_config(rdir).evaluated_steps():
+        sample_weights(rdir, nfe, step, None, shard, shards)
+    return final
+
+
+def sample_weights(rdir: Path, nfe: int, step: int | None, out: Path | None = None, shard: int = 0,
+                   shards: int = 1) -> Path:
+    """Sample one set of weights (step None: final.pt); writes an npz with the samples (or uint8 images),
+    seeds, class labels (conditional data: one per seed), the σ list and a JSON `meta` describing how they
+    were made."""
+    cfg, weights = load_run_config(rdir), load_weights(rdir, step)
     if nfe not in cfg.sample.nfe:
         raise ValueError(f"{rdir}: NFE {nfe} is not in sample.nfe {cfg.sample.nfe}")
     torch.set_num_threads(cfg.train.threads)
     model = build_model(cfg)
-    model.load_state_dict(final["ema"])
+    model.load_state_dict(weights["ema"])
     model.to(devices.device()).eval()
     sigmas, smp, image = cfg.sigma_list(nfe), cfg.sample, isinstance(cfg.dataset, ImageData)
     seeds = shard_seeds(sample_seeds(cfg), shard, shards)
     labels = seed_labels(seeds, cfg.dataset.num_classes) if cfg.dataset.conditional else None
-    parts = []
+    parts, starts = [], []
     for lo in range(0, len(seeds), smp.batch):
         s, y = seeds[lo:lo + smp.batch], None if labels is None else labels[lo:lo + smp.batch]
-        x_t = initial_noise(cfg, nfe, s)
+        x_t = memo_noise(("x_t", s.tobytes(), tuple(cfg.dataset.shape), sigmas[0]),
+                         lambda: initial_noise(cfg, nfe, s))
+        starts.append(x_t)
         if smp.sampler == "heun":
             x = ode_sample(model, sigmas, x_t, smp.batch, y)
         else:
@@ -97,7 +153,8 @@ def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, sh
         parts.append(to_uint8(x) if image else x)
     consistency = smp.sampler == "consistency"
     meta = {"config_hash": cfg.hash, "sample_hash": cfg.sample_hash(nfe),
-            "checkpoint_sha256": io.file_sha256(paths.final_weights(rdir))[:16], "weights": "ema", "nfe": nfe,
+            "checkpoint_sha256": io.file_sha256(paths.weights_file(rdir, step))[:16], "weights": "ema", "nfe": nfe,
+            "step": weights["step"], **training_cost(rdir, step, weights),
             "sigmas": sigmas, "sigma_min": cfg.precond.sigma_min,
             "sampler": smp.sampler, "renoise": smp.renoise if consistency else None,
             "clip_denoised": smp.clip_denoised if consistency else None, "conditional": cfg.dataset.conditional}
@@ -107,21 +164,28 @@ def sample_run(rdir: Path, nfe: int, out: Path | None = None, shard: int = 0, sh
     if image:
         arrays["images"] = np.concatenate(parts)
     else:   # toy: float samples and x_T, which evaluation checks against the cached exact endpoints
-        arrays.update(samples=np.concatenate(parts), x_t=initial_noise(cfg, nfe, seeds))
-    out = Path(out) if out else (paths.samples_file(rdir, nfe) if shards == 1
-                                 else paths.samples_shard(rdir, nfe, shard, shards))
+        arrays.update(samples=np.concatenate(parts), x_t=np.concatenate(starts))
+    out = Path(out) if out else (paths.samples_file(rdir, nfe, step) if shards == 1
+                                 else paths.samples_shard(rdir, nfe, shard, shards, step))
     return io.save_npz(out, **arrays)
 
 
 def merge_shards(rdir: Path, nfe: int, shards: int) -> Path:
-    """Concatenate the shards of a sampled run (in seed order) into its samples file; the shards are removed."""
-    files = [paths.samples_shard(rdir, nfe, i, shards) for i in range(shards)]
+    """Concatenate the shards of a sampled run (in seed order) into its samples files, the final weights' and
+    each snapshot's; the shards are removed. Returns the final weights' samples file."""
+    for step in load_run_config(rdir).evaluated_steps():
+        _merge(rdir, nfe, step, shards)
+    return _merge(rdir, nfe, None, shards)
+
+
+def _merge(rdir: Path, nfe: int, step: int | None, shards: int) -> Path:
+    files = [paths.samples_shard(rdir, nfe, i, shards, step) for i in range(shards)]
     loaded = [np.load(f) for f in files]
     meta = {str(z["meta"]) for z in loaded}
     if len(meta) != 1:
         raise ValueError(f"{rdir}: shards of NFE {nfe} were sampled from different weights or settings")
     arrays = {k: np.concatenate([z[k] for z in loaded]) for k in loaded[0].files if k not in ("meta", "sigmas")}
-    out = io.save_npz(paths.samples_file(rdir, nfe), **arrays, sigmas=loaded[0]["sigmas"], meta=meta.pop())
+    out = io.save_npz(paths.samples_file(rdir, nfe, step), **arrays, sigmas=loaded[0]["sigmas"], meta=meta.pop())
     for f in files:
         f.unlink()
     return out

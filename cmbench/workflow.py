@@ -185,6 +185,12 @@ class Plan:
         cfg = self.run(w)
         return " ".join(cfg.sample_hash(n) for n in ([int(w.nfe)] if hasattr(w, "nfe") else cfg.sample.nfe))
 
+    def evaluate_every(self, w) -> int | None:
+        """The train, sample and evaluate jobs' parameter: a changed evaluate.every re-runs them; training then
+        redoes the steps after the newest checkpoint before the first snapshot it lacks (bit-identical weights),
+        none when it has them all (cmbench.train.loop)."""
+        return self.run(w).evaluate.every
+
     def metric_set(self, w) -> str:
         """The metric set named by a file-name wildcard (cmbench.paths.slug)."""
         return {paths.slug(m): m for m in self.run(w).metric_sets()}[w.metric]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cmbench import checkpoint, paths
@@ -183,7 +184,9 @@ def snakemake(workdir: Path, sample_n: int) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
 
 
-def test_changing_sample_n_in_the_workflow_reruns_sampling_and_evaluation_only(tmp_path):
+def test_changing_sample_n_or_evaluate_every_in_the_workflow_reruns_what_depends_on_it(tmp_path):
+    """sample.n: sampling and evaluation only. evaluate.every: training too, which redoes the steps its new
+    snapshot needs (bit-identical weights), and the records gain the checkpoint's step."""
     assert snakemake(tmp_path, 300)["train"] == 1
     rdir = tmp_path / "results" / "runs" / "one" / "gauss1d" / "ict" / "s0"
     final, stats = paths.final_weights(rdir), paths.stats_file(rdir)
@@ -192,6 +195,13 @@ def test_changing_sample_n_in_the_workflow_reruns_sampling_and_evaluation_only(t
     assert "train" not in jobs and jobs["sample"] == jobs["evaluate"] == jobs["collect"] == 1, jobs
     assert (final.stat().st_mtime_ns, final.read_bytes(), stats.read_bytes()) == before
     assert {r["n_gen"] for r in json.loads(paths.records_file(rdir).read_text())} == {500}
+    ema = checkpoint.load(final)["ema"]
+    suite = {"variants": ["ict"], "datasets": ["gauss1d"], "seeds": [0], "settings": {"evaluate": {"every": 100}}}
+    (tmp_path / "configs" / "experiment.yaml").write_text(yaml.safe_dump({"suites": {"one": suite}}))
+    jobs = snakemake(tmp_path, 500)
+    assert jobs["train"] == jobs["sample"] == jobs["evaluate"] == jobs["collect"] == 1, jobs
+    assert all(torch.equal(ema[k], checkpoint.load(final)["ema"][k]) for k in ema)
+    assert sorted({r["step"] for r in json.loads(paths.records_file(rdir).read_text())}) == [100, 200]
 
 
 def test_a_student_retrains_when_its_teacher_does(tmp_path):

@@ -53,7 +53,7 @@ def reference_key(cfg: RunConfig, nfe: int, metric_set: str = "data") -> str:
                             "floor_repeats": cfg.evaluate.floor_repeats})
     return config_hash({"dataset": cfg.dataset.model_dump(mode="json"), "sigma_min": cfg.precond.sigma_min,
                         "sigma_start": cfg.sigma_list(nfe)[0], "seed_start": cfg.sample.seed_start,
-                        "n": cfg.sample.n, "evaluate": cfg.evaluate.model_dump(mode="json")})
+                        "n": cfg.sample.n, "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"every"})})
 
 
 def reference_path(cfg: RunConfig, nfe: int, results: str | Path, metric_set: str = "data") -> Path:
@@ -147,10 +147,12 @@ def load_reference(cfg: RunConfig, nfe: int, ref_file: Path, metric_set: str) ->
 META_KEYS = {"nfe", "sigmas", "sigma_min", "sampler", "renoise", "weights", "checkpoint_sha256", "sample_hash"}
 
 
-def check_samples(path: Path, smp: dict, cfg: RunConfig, nfe: int, rdir: Path) -> dict:
+def check_samples(path: Path, smp: dict, cfg: RunConfig, nfe: int, rdir: Path, step: int | None = None,
+                  x_t: np.ndarray | None = None) -> dict:
     """The sample file's `meta`, once the file is shown to be this run's samples at this NFE: its NFE, σ list,
     sampler, seeds, labels and array shapes match the run config and its checkpoint hash matches the run's
-    final.pt. Anything else is DamagedFile naming the file and the fix (read_npz already refused NaN and inf)."""
+    final.pt (or the EMA snapshot of `step`). Anything else is DamagedFile naming the file and the fix (read_npz
+    already refused NaN and inf). `x_t`: the run's initial noise, when the caller has it already."""
     def bad(what):
         raise DamagedFile(f"{path}: {what}; {RESAMPLE}")
     meta = json_field(path, smp, "meta")
@@ -180,9 +182,9 @@ def check_samples(path: Path, smp: dict, cfg: RunConfig, nfe: int, rdir: Path) -
         if k not in smp or smp[k].shape != shp or (dtype and smp[k].dtype != dtype):
             got = f"{smp[k].shape} {smp[k].dtype}" if k in smp else "nothing"
             bad(f"its {k} are {got}, not {shp}{f' {np.dtype(dtype)}' if dtype else ''}")
-    if not is_image(cfg) and not np.array_equal(smp["x_t"], initial_noise(cfg, nfe)):
+    if not is_image(cfg) and not np.array_equal(smp["x_t"], initial_noise(cfg, nfe) if x_t is None else x_t):
         bad("its initial noise x_t is not the run's")
-    final = paths.final_weights(rdir)
+    final = paths.weights_file(rdir, step)
     if not final.is_file():
         raise DamagedFile(f"{path}: the run has no {final.name} to check it against; re-run snakemake")
     if meta["checkpoint_sha256"] != io.file_sha256(final)[:16]:   # the prefix cmbench.sample writes
@@ -225,18 +227,28 @@ def _ode_record(cfg: RunConfig, nfe: int, smp, results: str | Path) -> dict:
 
 
 def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "data") -> Path:
-    """Metric records for the samples of one run at one NFE and one metric set (RunConfig.metric_sets);
-    builds the reference if it is not cached."""
-    t0 = time.perf_counter()
+    """Metric records for the samples of one run at one NFE and one metric set (RunConfig.metric_sets): the
+    final weights' and each EMA snapshot's (evaluate.every), with the same metrics; builds the reference if it
+    is not cached."""
     rdir = Path(rdir)
     cfg = load_run_config(rdir)
     if metric_set not in cfg.metric_sets():
         raise ValueError(f"{rdir}: metric set {metric_set!r} is not one of {cfg.metric_sets()}")
-    samples = paths.samples_file(rdir, nfe)
-    smp = read_npz(samples, ("seeds", "sigmas", "meta"))
-    meta = check_samples(samples, smp, cfg, nfe, rdir)
     ref_file = reference_path(cfg, nfe, results, metric_set)
     ref = load_reference(cfg, nfe, ref_file, metric_set)
+    x_t = None if is_image(cfg) else initial_noise(cfg, nfe)     # the same for every step's samples
+    records = [r for step in [*cfg.evaluated_steps(), None]
+               for r in _evaluate_samples(cfg, rdir, nfe, step, metric_set, ref, ref_file, x_t, results)]
+    return write_records(paths.metrics_file(rdir, nfe, metric_set), records)
+
+
+def _evaluate_samples(cfg: RunConfig, rdir: Path, nfe: int, step: int | None, metric_set: str, ref,
+                      ref_file: Path, x_t: np.ndarray | None, results: str | Path) -> list[dict]:
+    """The records of one samples file: the final weights' (step None) or the EMA snapshot's of `step`."""
+    t0 = time.perf_counter()
+    samples = paths.samples_file(rdir, nfe, step)
+    smp = read_npz(samples, ("seeds", "sigmas", "meta"))
+    meta = check_samples(samples, smp, cfg, nfe, rdir, step, x_t)
     if metric_set != "data":
         from cmbench.metrics import fid
         r = fid.fid_npz(samples, ref_file, metric_set, device=_device(), network=cfg.evaluate.cleanfid_network,
@@ -249,7 +261,10 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "d
         values, ideal, fields = (_pixel_values(cfg, smp, ref) if is_image(cfg)
                                  else _toy_values(cfg, nfe, smp, ref, ref_file))
         fields["backend_version"] = version("cmbench")
+    done = meta.get("step", cfg.train.steps)     # samples of older versions: the final weights, cost unknown
     base = {**cfg.run.model_dump(), "config_hash": cfg.hash, "sample_hash": meta["sample_hash"],
+            "step": done, "images": done * cfg.train.batch, "train_seconds": meta.get("train_seconds"),
+            "train_flops": meta.get("train_flops"),
             "checkpoint_sha256": meta["checkpoint_sha256"],
             "weights": meta["weights"], "nfe": nfe, "sigmas": meta["sigmas"], "sigma_min": meta["sigma_min"],
             "sampler": meta["sampler"], "renoise": meta["renoise"], "clip_denoised": meta.get("clip_denoised"),
@@ -261,4 +276,4 @@ def evaluate_run(rdir: Path, nfe: int, results: str | Path, metric_set: str = "d
                for name, v in sorted(values.items())]
     if metric_set == "data" and ode_ref.applies(cfg, nfe):
         records.append({**base, **_ode_record(cfg, nfe, smp, results)})
-    return write_records(paths.metrics_file(rdir, nfe, metric_set), records)
+    return records

@@ -22,6 +22,7 @@ from cmbench.status import ProgressLine
 from cmbench.teacher import build_teacher
 from cmbench.draws import Draws
 from cmbench.train import distributed
+from cmbench.train.flops import flops_per_step
 
 
 def build_optimizer(cfg: RunConfig, params):
@@ -223,9 +224,9 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
            on_step: Callable[[int], None] | None, on_save: Callable[[int, float], None] | None) -> Path:
     final = paths.final_weights(rdir)
     main = rank == 0
-    if finished(cfg, rdir, main):
-        return final
     ckdir = paths.checkpoints_dir(rdir)
+    if finished(cfg, rdir, main) and not checkpoint.missing_snapshots(rdir, cfg.evaluated_steps()):
+        return final
     if main:
         write_run_config(cfg, rdir)      # planning wrote it; a run started from Python writes it here
         checkpoint.set_aside_other_config(rdir, cfg.hash)
@@ -237,7 +238,16 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     tr = Trainer.build(cfg, rdir, dev)
-    start, window = resume(tr, ckdir, main)
+    flops = flops_per_step(cfg, tr.model, tr.loss_fn.teacher, dev)
+    start, window, seconds = resume(tr, ckdir, main, checkpoint.missing_snapshots(rdir, cfg.evaluated_steps()))
+    clock = time.perf_counter() - seconds     # training wall seconds count on across resumes
+    snapshots = set(cfg.evaluated_steps())
+
+    def budget(done: int) -> dict:
+        """What the weights after `done` steps cost, saved in checkpoints and snapshots (not in final.pt, whose
+        bytes depend on the weights alone: the checkpoint of the last step holds its figures) for the records."""
+        return {"images": done * t.batch, "train_seconds": time.perf_counter() - clock,
+                "train_flops": None if flops is None else done * flops}
     stats_path = paths.stats_file(rdir)
     if main:
         truncate_stats(stats_path, start)
@@ -250,7 +260,7 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
 
     def save(done: int) -> None:
         t0 = time.perf_counter()
-        checkpoint.save_atomic({**tr.state_dict(done), "stats_window": log.window()},
+        checkpoint.save_atomic({**tr.state_dict(done), "stats_window": log.window(), **budget(done)},
                                checkpoint.ckpt_path(ckdir, done))
         checkpoint.prune(ckdir, t.keep_checkpoints)
         if on_save is not None:
@@ -271,6 +281,9 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
             # the last step too: final.pt can then be rebuilt without training (Snakemake deletes a re-run job's outputs)
             if main and (done % t.checkpoint_every == 0 or done == t.steps):
                 save(done)
+            if main and done in snapshots:
+                checkpoint.save_atomic({"step": done, "config_hash": cfg.hash, "ema": tr.ema.state_dict(),
+                                        **budget(done)}, paths.weights_file(rdir, done))
     if on_step is not None:
         on_step(t.steps)
     distributed.barrier(world)
@@ -280,18 +293,21 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
     return final
 
 
-def resume(tr: Trainer, ckdir: Path, main: bool) -> tuple[int, tuple[float, int]]:
-    """Load the newest valid checkpoint of this config into tr; returns the step to start from (0: none) and
-    the stats window saved with it (StatsLog)."""
-    state, path = checkpoint.load_latest_valid(ckdir)
+def resume(tr: Trainer, ckdir: Path, main: bool, missing: list[int]) -> tuple[int, tuple[float, int], float]:
+    """Load the newest valid checkpoint of this config into tr, from before the first `missing` snapshot step
+    (evaluate.every changed: training redoes the steps from there, bit-identically, and writes the snapshot as
+    it passes); returns the step to start from (0: none), the stats window saved with it (StatsLog) and the
+    training seconds so far."""
+    state, path = checkpoint.load_latest_valid(ckdir, missing[0] - 1 if missing else None)
     if state is None:
-        return 0, (0.0, 0)
+        return 0, (0.0, 0), 0.0
     if state["config_hash"] != tr.cfg.hash:
         raise ConfigError(f"{path} was written by config {state['config_hash']}, not {tr.cfg.hash}")
     start = tr.load_state_dict(state)
     if main:
         print(f"cmbench: resuming {ckdir.parent} from {path.name} (step {start})", file=sys.stderr)
-    return start, tuple(state.get("stats_window", (0.0, 0)))      # absent in checkpoints of older versions
+    # both absent in checkpoints of older versions
+    return start, tuple(state.get("stats_window", (0.0, 0))), state.get("train_seconds", 0.0)
 
 
 class StatsLog:
