@@ -127,12 +127,13 @@ def stage_outputs(stage: str, rdir: Path, nfe: int | None, metric: str, tasks: i
     if stage == "reference":
         from cmbench.metrics.evaluate import reference_path
         return [reference_path(load_run_config(rdir), nfe, paths.results_of(rdir), metric)]
-    return {"train": lambda: [paths.final_weights(rdir)],
-            "sample": lambda: ([paths.samples_shard(rdir, nfe, k, tasks) for k in range(tasks)] if tasks > 1
-                               else [paths.samples_file(rdir, nfe)]),
-            "evaluate": lambda: [paths.metrics_file(rdir, nfe, metric)],
-            "collect": lambda: [paths.records_file(rdir)],
-            "run": lambda: [paths.final_weights(rdir), paths.records_file(rdir)]}[stage]()
+    if stage == "sample":
+        return ([paths.samples_shard(rdir, nfe, k, tasks) for k in range(tasks)] if tasks > 1
+                else [paths.samples_file(rdir, nfe)])
+    if stage == "evaluate":
+        return [paths.metrics_file(rdir, nfe, metric)]
+    return {"train": [paths.final_weights(rdir)], "collect": [paths.records_file(rdir)],
+            "run": [paths.final_weights(rdir), paths.records_file(rdir)]}[stage]
 
 
 def run_stage(stage: str, rdir: str, nfe: int | None, metric: str = "data") -> None:
