@@ -228,11 +228,21 @@ def _reattach(record: Path, folder: Path, cfg_hash: str, tasks: int):
     if saved.get("launcher") != "slurm" or saved.get("config_hash") != cfg_hash:
         return None
     job = submitit.SlurmJob(folder=folder, job_id=saved["job_id"], tasks=range(tasks))
-    return job if _state(job) in LIVE_STATES else None
+    return job if _live_state(job) in LIVE_STATES else None
 
 
 def _state(job) -> str:
     return job.get_info(mode="force").get("State", "UNKNOWN").split()[0]
+
+
+def _live_state(job) -> str:
+    """The job's state, from the controller where Slurm's accounting does not list it yet (sacct lags a new job by
+    a few seconds: a job just submitted by a killed workflow would look dead, and be submitted twice)."""
+    state = _state(job)
+    if state != "UNKNOWN":
+        return state
+    queued = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T"], capture_output=True, text=True).stdout
+    return queued.strip() or state
 
 
 def _logs(job) -> list[Path]:
@@ -311,22 +321,25 @@ def launch(stage: str, rdir: str | Path, nfe: int | None, launcher: str, launch_
         if state == "CANCELLED":      # by hand or by an administrator: no result will come, and it is not ours to redo
             raise JobFailed(f"job {job.job_id} ({kind}) was cancelled (sacct -j {job.job_id})")
         why = _never_ran(job, state)
-        if state == "COMPLETED" and reattached and not all(p.exists() for p in stage_outputs(stage, rdir, nfe, metric, tasks)):
+        if why is None:
+            _results(job)
+            if not reattached or all(p.exists() for p in stage_outputs(stage, rdir, nfe, metric, tasks)):
+                break
             # Snakemake removes the outputs of a job it did not see finish just before it runs the rule again: the
-            # job we re-attached to may have written them before that, while Slurm still listed it as running
+            # job we re-attached to may have written them before that, while Slurm still listed it as running (and
+            # may still list it so here: submitit calls a job done once its result file exists)
             print(f"cmbench: job {job.job_id} ({kind}) ended but its outputs are gone (removed by the restarted "
                   f"workflow): submitting it again", file=sys.stderr)
             job, reattached = None, False
             continue
-        if why is None:
-            break
         if attempt == RESUBMITS:
             raise JobFailed(f"job {job.job_id} ({kind}) failed before it ran ({why}), {RESUBMITS + 1} times in a "
                             f"row: the cluster cannot start it (sacct -j {job.job_id}; slurmd's log)")
         print(f"cmbench: job {job.job_id} ({kind}) failed before it ran ({why}): submitting it again "
               f"({attempt + 1} of {RESUBMITS})", file=sys.stderr)
         job, attempt = None, attempt + 1
-    _results(job)
+    if launcher != "slurm":
+        _results(job)
     if stage == "sample" and tasks > 1:
         from cmbench.sample import merge_shards
         merge_shards(rdir, nfe, tasks)

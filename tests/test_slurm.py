@@ -15,7 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import submitit
 import yaml
+from submitit.core.utils import JobPaths, cloudpickle_dump
 
 from cmbench import paths
 from cmbench.config import Experiment
@@ -81,6 +83,11 @@ def sacct(job_id: str) -> list[str]:
         time.sleep(0.5)
 
 
+def state_now(job_id: str) -> list[str]:
+    return subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
 def record(results, stage="train") -> Path:
     return results / "runs" / "toy" / "gauss1d" / "ict" / "s0" / "jobs" / f"{stage}.json"
 
@@ -135,24 +142,44 @@ def test_restarted_launch_reattaches_instead_of_resubmitting(tmp_path):
 
 def test_a_reattached_job_that_ends_without_its_outputs_is_run_again(tmp_path):
     """A restarted Snakemake removes the outputs of a job it did not see finish, then runs the rule: the job the
-    launch re-attaches to may have written them just before, while Slurm still listed it as running (seen in CI).
-    Here the recorded job is a stand-in that writes nothing (and outlasts the launch's start-up): the launch notices
-    and runs the stage again."""
+    launch re-attaches to may have written them just before, and Slurm may still list it as running after submitit
+    calls it done (its result file exists): seen in CI, twice. Here the recorded job is a stand-in that is still
+    running, with a successful result and no outputs: the launch notices and runs the stage again."""
     cmd = launch_cmd(tmp_path, sets=["train.steps=50"])
     rdir = Path(cmd[-1])
-    stand_in = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 10"], capture_output=True,
+    stand_in = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 600"], capture_output=True,
                               text=True, check=True).stdout.strip().split(";")[0]
-    wait_for(lambda: subprocess.run(["sacct", "-n", "-X", "-j", stand_in, "-o", "State"], capture_output=True,
-                                    text=True).stdout.split() == ["RUNNING"])      # accounting lags a new job
-    content_hash = json.loads((rdir / "config.json").read_text())["content_hash"]
-    record(tmp_path).parent.mkdir(parents=True, exist_ok=True)
-    record(tmp_path).write_text(json.dumps({"job_id": stand_in, "launcher": "slurm", "config_hash": content_hash}))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    try:
+        wait_for(lambda: state_now(stand_in) == ["RUNNING"])      # accounting lags a new job
+        content_hash = json.loads((rdir / "config.json").read_text())["content_hash"]
+        record(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        record(tmp_path).write_text(json.dumps({"job_id": stand_in, "launcher": "slurm", "config_hash": content_hash}))
+        cloudpickle_dump(("success", None), JobPaths(record(tmp_path).parent, stand_in, task_id=0).result_pickle)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+        assert state_now(stand_in) == ["RUNNING"]                 # the launch took it as done while Slurm did not
+    finally:
+        subprocess.run(["scancel", stand_in], check=True)
     assert r.returncode == 0, r.stderr
     assert f"re-attaching to job {stand_in}" in r.stderr
     assert f"job {stand_in} (train) ended but its outputs are gone" in r.stderr
     again = json.loads(record(tmp_path).read_text())["job_id"]
     assert again != stand_in and sacct(again) == ["COMPLETED"] and (rdir / "final.pt").exists()
+
+
+def test_a_job_not_yet_in_slurms_accounting_counts_as_alive(tmp_path, monkeypatch):
+    """sacct lags a new job by seconds; a re-attaching launch that believed it would submit the stage twice. The
+    stand-in's accounting is hidden (as it is in the first seconds); the controller still lists it."""
+    from cmbench import launch
+    stand_in = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 600"], capture_output=True,
+                              text=True, check=True).stdout.strip().split(";")[0]
+    monkeypatch.setattr(launch, "_state", lambda job: "UNKNOWN")
+    try:
+        job = submitit.SlurmJob(folder=tmp_path, job_id=stand_in)
+        wait_for(lambda: launch._live_state(job) == "RUNNING")
+    finally:
+        subprocess.run(["scancel", stand_in], check=True)
+    sacct(stand_in)                                    # ended
+    assert launch._live_state(job) not in launch.LIVE_STATES      # ended: dead to a re-attaching launch
 
 
 def test_job_failing_on_the_node_fails_the_launch_with_its_log(tmp_path):
