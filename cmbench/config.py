@@ -147,6 +147,12 @@ class ImageData(Strict):
 Dataset = Annotated[Union[GaussianData, MixtureData, ImageData], Field(discriminator="kind")]
 
 
+# a second time input of the net (the flow-map methods' (r, t), (s, t) or step size: new-methods.md §5): 'concat'
+# embeds it beside the first time (MeanFlow's U-Net), 'add' through its own mapping added to the first (IMM,
+# Shortcut); the flow-map preconditioning needs one, every other needs 'none' (cmbench.nets)
+Time2 = Literal["none", "concat", "add"]
+
+
 class MLPNet(Strict):
     """Toy-data backbone (cmbench.nets.mlp)."""
     name: Literal["mlp"] = "mlp"
@@ -154,6 +160,7 @@ class MLPNet(Strict):
     depth: PosInt = 3                   # hidden layers
     emb_features: PosInt = 16           # sin/cos features of c_noise
     emb_max_freq: PosFloat = 4.0        # rad per unit c_noise; low works best on toys (2π·4 was 10× worse in W2)
+    time2: Time2 = "none"
 
 
 Dropout = Annotated[float, Field(ge=0, lt=1)]
@@ -175,6 +182,7 @@ class UNetNet(Strict):
     channel_mult_noise: PosInt = 1
     encoder: Literal["standard", "residual"] = "standard"
     resample_filter: Annotated[list[PosInt], Field(min_length=1)] = [1, 1]
+    time2: Time2 = "none"
 
 
 class ADMNet(Strict):
@@ -188,15 +196,37 @@ class ADMNet(Strict):
     head_channels: PosInt = 64
     dropout: Dropout = 0.1
     dropout_res: PosInt | None = None   # dropout only at feature resolutions ≤ this (iCT, sCM, ECT on ImageNet 64)
+    time2: Time2 = "none"
 
 
 Net = Annotated[Union[MLPNet, UNetNet, ADMNet], Field(discriminator="name")]
 
 
+class FlowMapSpec(Strict):
+    """The two-time model of the flow-map methods (new-methods.md §0.2, §5), in the time t ∈ [0, 1] of the linear
+    path z_t = (1 − t)·x + t·ν·ε (t = 0 is data): ν = 1 on 'fm' (MeanFlow, Shortcut), σ_d on 'fm_sd' (IMM). It maps
+    z_t to z_r (r ≤ t) as z_t − (t − r)·F ('velocity': F is the average velocity u, MeanFlow Eq. 12) or as IMM's
+    'trigflow' form c_skip·z_t + c_out·F(c_in·z_t) (§4.3: sCM's TrigFlow step ending at r instead of 0)."""
+    path: Literal["fm", "fm_sd"] = "fm"
+    output: Literal["velocity", "trigflow"] = "velocity"
+    second: Literal["gap", "end"] = "gap"   # the net's second time: t − r (MeanFlow's h, Shortcut's d) or r (IMM's s)
+    time_scale: PosFloat = 1.0             # c_noise = scale·t: raw t (MeanFlow), 1000·t (IMM)
+    t_min: Annotated[float, Field(ge=0, lt=1)] = 0.0   # the times it trains on; sampling clips to them (IMM:
+    t_max: Annotated[float, Field(gt=0, le=1)] = 1.0   # [0.006, 0.994], new-methods.md §4.2)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if not self.t_min < self.t_max:
+            raise ValueError(f"t_min {self.t_min} must be below t_max {self.t_max}")
+        return self
+
+
 class Precond(Strict):
     # cm: EDM scalings shifted so f(x, sigma_min) = x exactly (Song et al. 2023, App. C); edm: unshifted (Karras
-    # et al. 2022); trigflow: f(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t) with t = arctan(σ/σ_d) (Lu & Song 2024, §2)
-    name: Literal["cm", "edm", "trigflow"] = "cm"
+    # et al. 2022); trigflow: f(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t) with t = arctan(σ/σ_d) (Lu & Song 2024,
+    # §2); flowmap: a two-time flow map Φ_{t→r} of the linear path (`flowmap`; cmbench.nets.precond.FlowMap)
+    name: Literal["cm", "edm", "trigflow", "flowmap"] = "cm"
+    flowmap: FlowMapSpec | None = None    # precond 'flowmap' only (required there)
     # trigflow only: the network is parameterised as trained in TrigFlow (c_noise = t), or as an EDM denoiser's
     # network (F_trig = −F_edm at c_noise = ¼ ln(σ_d tan t)), so that a trained EDM teacher's weights start the
     # student exactly (cmbench.nets.precond.TrigFlow)
@@ -217,6 +247,11 @@ class Precond(Strict):
             raise ValueError(f"trigflow_net is for precond 'trigflow', not {self.name!r}")
         if self.name == "trigflow" and self.trigflow_net == "trigflow" and self.c_noise_scale != 1:
             raise ValueError("c_noise_scale scales ¼ ln σ: a TrigFlow net takes c_noise = t")
+        if (self.flowmap is None) == (self.name == "flowmap"):
+            raise ValueError("precond 'flowmap' needs precond.flowmap (its path and parameterisation)"
+                             if self.name == "flowmap" else f"precond.flowmap is for precond 'flowmap', not {self.name!r}")
+        if self.name == "flowmap" and self.c_noise_scale != 1:
+            raise ValueError("c_noise_scale scales ¼ ln σ: a flow-map net takes its time t (precond.flowmap.time_scale)")
         return self
 
 
@@ -276,8 +311,9 @@ class Sample(Strict):
     seed_start: Annotated[int, Field(ge=0)] = 0   # sample i uses seed seed_start + i: independent of batch size
     batch: PosInt = 10_000
     nfe: Annotated[list[PosInt], Field(min_length=1)] = [1, 2]   # evaluated numbers of function evaluations
-    # consistency: CM Alg. 1 on the σ list; heun: EDM Alg. 1 (deterministic) over the σ list plus a last step to 0
-    sampler: Literal["consistency", "heun"] = "consistency"
+    # consistency: CM Alg. 1 on the σ list; heun: EDM Alg. 1 (deterministic) over the σ list plus a last step to 0;
+    # flowmap: a flow-map model's jumps along the σ list to 0, no re-noising (MeanFlow, Shortcut, IMM)
+    sampler: Literal["consistency", "heun", "flowmap"] = "consistency"
     # re-noising before step k > 1: cm adds sqrt(σ_k² − σ_min²)·z (CM, iCT); plain adds σ_k·z (ECT; sCM's
     # cos(t)x + sin(t)z in σ-space) — papers.md §9.8
     renoise: Literal["cm", "plain"] = "cm"
@@ -345,6 +381,10 @@ class RunConfig(Strict):
             if sigmas[0] > p.sigma_max or sigmas[-1] <= p.sigma_min or sorted(sigmas, reverse=True) != sigmas:
                 raise ValueError(f"sample.sigmas[{nfe!r}] = {sigmas} must descend within "
                                  f"(sigma_min {p.sigma_min}, sigma_max {p.sigma_max}]")
+        flowmap = self.precond.name == "flowmap"
+        if (self.sample.sampler == "flowmap") != flowmap or (self.net.time2 != "none") != flowmap:
+            raise ValueError("precond 'flowmap', sample.sampler 'flowmap' and a two-time net (net.time2 'concat' or "
+                             "'add') go together: set all three or none")
         image = isinstance(self.dataset, ImageData)
         if image != (self.net.name != "mlp"):
             raise ValueError(f"net '{self.net.name}' does not fit {'image' if image else 'toy'} data "
@@ -359,6 +399,11 @@ class RunConfig(Strict):
         if "name" not in self.loss or not isinstance(self.loss["name"], str):
             raise ValueError("loss.name is required (a registered loss)")
         return self
+
+    def deterministic(self, nfe: int) -> bool:
+        """Whether a sample is a function of its initial noise alone (one step, an ODE solver, flow-map jumps): it
+        then has an exact endpoint to be compared with (the ODE error's floor is 0)."""
+        return nfe == 1 or self.sample.sampler in ("heun", "flowmap")
 
     def metric_sets(self) -> list[str]:
         """What one evaluation job computes, each in its own record file: "data" (exact-ground-truth metrics of

@@ -79,6 +79,21 @@ def ode_sample(model, sigmas: list[float], x_t: np.ndarray, batch: int, labels: 
                            for lo in range(0, len(x_t), batch)])
 
 
+@torch.no_grad()
+def flowmap_sample(model, sigmas: list[float], x_t: np.ndarray, batch: int,
+                   labels: np.ndarray | None = None) -> np.ndarray:
+    """The flow-map methods' few-step sampler: x ← Φ_{σ_k→σ_{k+1}}(x) along the σ list and then to 0, with no
+    re-noising (MeanFlow's z_r = z_t − (t − r)·u, Shortcut's steps of size d, IMM's pushforward sampler)."""
+    out, dev = [], model_device(model)
+    ends = [*sigmas, 0.0]
+    for lo in range(0, len(x_t), batch):
+        x, y = torch.from_numpy(x_t[lo:lo + batch]).to(dev), _batch_labels(labels, lo, batch, dev)
+        for s_from, s_to in zip(ends, ends[1:]):
+            x = model.jump(x, torch.tensor(s_from, device=dev), torch.tensor(s_to, device=dev), y)
+        out.append(x.cpu().numpy())
+    return np.concatenate(out)
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Images in [−1, 1], NCHW float → uint8 NHWC (NVlabs/edm's rounding: (x + 1)·127.5, clipped)."""
     return np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
@@ -147,6 +162,8 @@ def sample_weights(rdir: Path, nfe: int, step: int | None, out: Path | None = No
         starts.append(x_t)
         if smp.sampler == "heun":
             x = ode_sample(model, sigmas, x_t, smp.batch, y)
+        elif smp.sampler == "flowmap":
+            x = flowmap_sample(model, sigmas, x_t, smp.batch, y)
         else:
             x = consistency_sample(model, sigmas, s, x_t, cfg.precond.sigma_min, smp.batch, smp.renoise,
                                    smp.clip_denoised, y)

@@ -199,8 +199,8 @@ def _toy_values(cfg: RunConfig, nfe: int, smp, ref, ref_file: Path) -> tuple[dic
     values = distribution_metrics(x, dist, ref["fresh"], cfg)
     values[ODE_ERROR] = toy.ode_error(x, ref["exact"])
     ideal = json.loads(str(ref["ideal"]))
-    if nfe == 1 or json.loads(str(smp["meta"]))["sampler"] == "heun":
-        ideal[ODE_ERROR] = 0.0   # a perfect 1-step model, or an exact ODE solver, returns Φ(x_T) itself
+    if cfg.deterministic(nfe):
+        ideal[ODE_ERROR] = 0.0   # a perfect 1-step model, exact ODE solver or flow map returns Φ(x_T) itself
     fields = {"n_ref": int(len(ref["fresh"])), "backend": BACKEND["toy"], "mode": "exact ground truth",
               "feature_extractor": "none (data space)"}
     return values, ideal, fields

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmbench.config import ADMNet, UNetNet
+from cmbench.nets.mlp import check_time2
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -186,15 +187,26 @@ class _UNet(nn.Module):
                  channel_mult: Sequence[int], num_blocks: int, attn_resolutions: Sequence[int],
                  embed: nn.Module, noise_channels: int, stem_channels: int, block: Callable[..., ResBlock],
                  attn_every_decoder_block: bool, residual_encoder: bool, resample_filter: Sequence[int],
-                 init: str, eps: float, dropout: float, dropout_res: int | None, label_dim: int = 0):
+                 init: str, eps: float, dropout: float, dropout_res: int | None, label_dim: int = 0,
+                 embed2: nn.Module | None = None, time2: str = "none"):
         super().__init__()
         levels = len(channel_mult)
         if img_resolution % 2 ** (levels - 1):
             raise ValueError(f"img_resolution {img_resolution} does not halve {levels - 1} times")
         emb_ch = 4 * model_channels
-        self.embed = embed
-        self.map = nn.Sequential(init_layer(nn.Linear(noise_channels, emb_ch), init), nn.SiLU(),
+        self.embed, self.embed2, self.time2 = embed, embed2, time2
+        if (embed2 is None) != (time2 == "none"):
+            raise ValueError("a second time input needs its embedding (embed2) and a time2 mode, 'concat' or 'add'")
+
+        def mapping(width: int) -> nn.Sequential:
+            return nn.Sequential(init_layer(nn.Linear(width, emb_ch), init), nn.SiLU(),
                                  init_layer(nn.Linear(emb_ch, emb_ch), init), nn.SiLU())
+
+        # a second time (the two-time methods, new-methods.md §1.3, §4.3): 'concat' feeds both embeddings to one
+        # mapping of twice the width (MeanFlow's U-Net); 'add' gives it its own mapping, summed with the first before
+        # the last SiLU (IMM's s-embedding, Shortcut's step-size embedding)
+        self.map = mapping(noise_channels * (2 if time2 == "concat" else 1))
+        self.map2 = mapping(noise_channels) if time2 == "add" else None
         # class conditioning as EDM's DhariwalUNet: a one-hot label through a bias-free N(0, 1)-initialised
         # linear map, added to the embedding before its last SiLU
         self.label_dim = label_dim
@@ -243,17 +255,27 @@ class _UNet(nn.Module):
         self.out_norm = group_norm(ch, eps)
         self.out_conv = init_layer(nn.Conv2d(ch, out_channels, 3, padding=1), "zero")
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """F(x, c_noise[, labels]): labels are class indices [B] (int64) of a conditional net, else None."""
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
+                c_noise2: torch.Tensor | None = None) -> torch.Tensor:
+        """F(x, c_noise[, labels][, c_noise2]): labels are class indices [B] (int64) of a conditional net, else
+        None; c_noise2 the second time of a two-time net, else None."""
         if (labels is None) != (self.map_label is None):
             raise ValueError("a class-conditional net needs labels" if labels is None else
                              "labels given to an unconditional net")
-        emb = self.embed(c_noise.to(x.dtype).reshape(-1).expand(x.shape[0]))
-        if self.map_label is None:
-            emb = self.map(emb)
-        else:
+
+        def embed(module, c):
+            return module(c.to(x.dtype).reshape(-1).expand(x.shape[0]))
+
+        emb = embed(self.embed, c_noise)
+        if check_time2(self.embed2 is not None, c_noise2) and self.time2 == "concat":
+            emb = torch.cat([emb, embed(self.embed2, c_noise2)], dim=1)
+        emb = self.map[:3](emb)
+        if self.map2 is not None:
+            emb = emb + self.map2[:3](embed(self.embed2, c_noise2))
+        if self.map_label is not None:
             one_hot = F.one_hot(labels.reshape(-1).expand(x.shape[0]), self.label_dim).to(x.dtype)
-            emb = F.silu(self.map[:3](emb) + self.map_label(one_hot))
+            emb = emb + self.map_label(one_hot)
+        emb = F.silu(emb)
         h = self.stem(x)
         skips, aux = [h], x
         for level, blocks in enumerate(self.enc):
@@ -284,14 +306,16 @@ class SongUNet(_UNet):
                  channel_mult: Sequence[int] = (2, 2, 2), num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
                  dropout: float = 0.0, dropout_res: int | None = None, embedding: str = "positional",
                  fourier_scale: float = 16.0, channel_mult_noise: int = 1, encoder: str = "standard",
-                 resample_filter: Sequence[int] = (1, 1)):
+                 resample_filter: Sequence[int] = (1, 1), time2: str = "none"):
         noise_channels = model_channels * channel_mult_noise
         if embedding == "positional":
-            embed = PositionalEmbedding(noise_channels, endpoint=True)
+            make_embed = partial(PositionalEmbedding, noise_channels, endpoint=True)
         elif embedding == "fourier":
-            embed = FourierEmbedding(noise_channels, fourier_scale)
+            make_embed = partial(FourierEmbedding, noise_channels, fourier_scale)
         else:
             raise ValueError(f"embedding must be 'positional' or 'fourier', got {embedding!r}")
+        embed = make_embed()
+        embed2 = make_embed() if time2 != "none" else None
         if encoder not in ("standard", "residual"):
             raise ValueError(f"encoder must be 'standard' or 'residual', got {encoder!r}")
         block = partial(ResBlock, heads=1, skip_scale=math.sqrt(0.5), eps=1e-6,
@@ -302,7 +326,7 @@ class SongUNet(_UNet):
                          embed=embed, noise_channels=noise_channels, stem_channels=model_channels, block=block,
                          attn_every_decoder_block=False, residual_encoder=encoder == "residual",
                          resample_filter=tuple(resample_filter), init="xavier", eps=1e-6, dropout=dropout,
-                         dropout_res=dropout_res)
+                         dropout_res=dropout_res, embed2=embed2, time2=time2)
 
 
 class ADMUNet(_UNet):
@@ -317,7 +341,7 @@ class ADMUNet(_UNet):
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, *, model_channels: int = 192,
                  channel_mult: Sequence[int] = (1, 2, 3, 4), num_blocks: int = 3,
                  attn_resolutions: Sequence[int] = (32, 16, 8), head_channels: int = 64, dropout: float = 0.1,
-                 dropout_res: int | None = None, label_dim: int = 0):
+                 dropout_res: int | None = None, label_dim: int = 0, time2: str = "none"):
         def block(in_ch, out_ch, **kw):    # heads follow the block width: out_ch / head_channels (at least one)
             return ResBlock(in_ch, out_ch, heads=max(1, out_ch // head_channels), **kw)
 
@@ -326,7 +350,8 @@ class ADMUNet(_UNet):
                          embed=PositionalEmbedding(model_channels, endpoint=False), noise_channels=model_channels,
                          stem_channels=model_channels * channel_mult[0], block=block, attn_every_decoder_block=True,
                          residual_encoder=False, resample_filter=(1, 1), init="default", eps=1e-5, dropout=dropout,
-                         dropout_res=dropout_res, label_dim=label_dim)
+                         dropout_res=dropout_res, label_dim=label_dim, time2=time2,
+                         embed2=PositionalEmbedding(model_channels, endpoint=False) if time2 != "none" else None)
 
 
 def build_unet(net_cfg: UNetNet | ADMNet, shape: tuple[int, int, int], label_dim: int = 0) -> nn.Module:
@@ -343,10 +368,10 @@ def build_unet(net_cfg: UNetNet | ADMNet, shape: tuple[int, int, int], label_dim
                         dropout=net_cfg.dropout, dropout_res=net_cfg.dropout_res, embedding=net_cfg.embedding,
                         fourier_scale=net_cfg.fourier_scale,
                         channel_mult_noise=net_cfg.channel_mult_noise, encoder=net_cfg.encoder,
-                        resample_filter=net_cfg.resample_filter)
+                        resample_filter=net_cfg.resample_filter, time2=net_cfg.time2)
     if net_cfg.name == "adm":
         return ADMUNet(h, c, c, model_channels=net_cfg.model_channels, channel_mult=net_cfg.channel_mult,
                        num_blocks=net_cfg.num_blocks, attn_resolutions=net_cfg.attn_resolutions,
                        head_channels=net_cfg.head_channels, dropout=net_cfg.dropout, dropout_res=net_cfg.dropout_res,
-                       label_dim=label_dim)
+                       label_dim=label_dim, time2=net_cfg.time2)
     raise ValueError(f"build_unet takes a 'unet' or 'adm' net config, got {net_cfg.name!r}")

@@ -79,7 +79,7 @@ def load_panels(runs: list[Path], cfgs: list[RunConfig], shown: int | None) -> l
             seeds = smp["seeds"][:shown] if seeds is None else seeds
             rows = _rows(smp["seeds"], seeds, path)
             p = Panel(cfg.run.variant, nfe, rdir, path, seeds, smp["images" if image else "samples"][rows],
-                      deterministic=nfe == 1 or cfg.sample.sampler == "heun")
+                      deterministic=cfg.deterministic(nfe))
             if not image:   # the exact endpoints evaluation scored these samples against, row for row
                 ref_file = reference_path(cfg, nfe, paths.results_of(rdir))
                 ref = read_npz(ref_file, ("x_t", "exact"), fix="delete it and re-run snakemake (it is rebuilt)")
