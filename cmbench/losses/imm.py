@@ -5,11 +5,12 @@ FlowMap.step, §4.3) is trained so that it pushes the marginal at t onto the mar
 particles that share (s, r, t), the samples y = f_{s,t}(x_t) are compared by an MMD² with a Laplace kernel against
 ỹ = stopgrad f_{s,r}(x_r) from the nearby time r: the map from r to s, once learnt, teaches the map from t.
 
-IMM released no training code (§4.8). What is here follows the paper's Algorithm 1 as two third-party
-re-implementations write it, which agree with each other (§4.4: the ESC authors' `loss/imm_loss.py` @0ad609e, read
-for comparison, and an unattributed EDM-style IMMLoss), for the `simple_edm` form:
+IMM released no training code (§4.8). What is here is the objective as two third-party re-implementations write
+it, which agree with each other (§4.4: the ESC authors' `loss/imm_loss.py` @0ad609e, read for comparison, and an
+unattributed EDM-style IMMLoss), for the `simple_edm` form:
 - r(s, t) = max(s, η⁻¹(η_t − (η_max − η_min)/2^k)), η_t = t/(1 − t), k = 12: a constant decrement in η (§4.2;
-  the paper's Fig. 10 per [IMM-note], secondary);
+  the paper's Fig. 10 per [IMM-note], secondary). ESC's code clamps r at η_min only, so r may fall below s
+  there; the clip at s keeps f_{s,r} a map backwards in time, as the formula of §4.2 writes it;
 - x_r is the DDIM interpolant of x_t towards the particle's own x, i.e. the path at r from the same (x, ε);
 - k(a, b) = exp(−w̃·√max(‖a − b‖², 1e-8)/D), w̃ = 1/|c_out(s, t)| (= ρ_t/((t − s)·σ_d) for simple_edm);
 - MMD² per group as a V-statistic (the diagonal included), weighted by
