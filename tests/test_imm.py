@@ -10,7 +10,7 @@ from cmbench import losses
 from cmbench.checks import check_run
 from cmbench.config import ConfigError, Experiment, FlowMapSpec
 from cmbench.draws import Draws
-from cmbench.losses.imm import c_out, mapping_r, mmd2, time_weight
+from cmbench.losses.imm import kernel_width, mapping_r, mmd2, time_weight
 from cmbench.nets.precond import FlowMap
 from conftest import REPO
 
@@ -51,8 +51,19 @@ def test_weight_and_kernel_width_by_hand():
             0.5 * sig(4 - 2 * math.log(4)) * 12.5 * 0.64 / 0.68]           # λ = 2 ln 4, 2/0.16, α² = 0.64
     torch.testing.assert_close(time_weight(t, 2.0, 4.0), torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=0)
     s = torch.tensor([0.1, 0.05], dtype=torch.float64)
-    torch.testing.assert_close(1 / c_out(s, t, SIGMA_D).abs(),
+    torch.testing.assert_close(kernel_width(s, t, SIGMA_D),
                                torch.tensor([math.sqrt(0.5) / 0.2, math.sqrt(0.68) / 0.075], dtype=torch.float64))
+
+
+def test_a_time_gap_lost_to_rounding_gives_the_limit_not_nan():
+    """s one float32 ulp below t (ring2d toy run, step 2224): c_out rounds to 0. The group's loss and gradient take
+    the s → t limit, 0, instead of NaN."""
+    t = torch.tensor([0.048858460038900375])
+    s = torch.nextafter(t, torch.zeros(1))
+    y = torch.tensor([[[0.1, 0.2], [0.3, -0.1]]], requires_grad=True)
+    value = mmd2(y, torch.tensor([[[0.0, 0.2], [0.3, 0.0]]]), kernel_width(s, t, SIGMA_D))
+    value.sum().backward()
+    assert value.item() == 0 and torch.equal(y.grad, torch.zeros_like(y))
 
 
 def test_r_is_a_constant_eta_step_below_t_clipped_at_s():
@@ -96,7 +107,7 @@ def test_exact_map_gives_both_particle_sets_the_target_law_and_a_loss_at_its_flo
     for z in ((y - m_s) / s_s, (y_tilde - m_s) / s_s):
         assert abs(z.mean().item()) < 0.04 and abs(z.std().item() - 1) < 0.03, (z.mean(), z.std())
     assert (s <= t).all() and torch.equal(s.reshape(-1, 4), s[::4, None].expand(-1, 4))
-    width = 1 / c_out(s[::4], t[::4], SIGMA_D).abs()
+    width = kernel_width(s[::4], t[::4], SIGMA_D)
     weight = time_weight(t[::4], 2.0, 4.0)
     independent = m_s + s_s * torch.randn(y.shape, generator=g, dtype=torch.float64)
     floor = (weight * mmd2(y.reshape(-1, 4, 1), independent.reshape(-1, 4, 1), width)).mean()
@@ -113,6 +124,35 @@ def test_per_sample_values_spread_each_groups_loss_over_its_particles():
     values = loss(model, model, torch.randn(16, 1), 0, torch.Generator().manual_seed(1))
     assert values.shape == (16,) and torch.equal(values.reshape(4, 4), values[::4, None].expand(-1, 4))
     assert values.requires_grad
+
+
+class Recorder(torch.nn.Module):
+    """A net that notes the CPU RNG state (which dropout draws from) at each call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.states = net, []
+
+    def forward(self, *args):
+        self.states.append(torch.get_rng_state())
+        return self.net(*args)
+
+
+@pytest.mark.parametrize("rewind", [True, False])
+def test_target_pass_draws_the_online_dropout_masks(rewind, monkeypatch):
+    """ỹ's pass starts from the RNG state of y's (pieces.same_dropout); without the rewind it would not (the check
+    can fail)."""
+    import contextlib
+    from cmbench.losses import pieces
+    from cmbench.nets.unet import SongUNet
+    if not rewind:
+        monkeypatch.setattr(pieces, "same_dropout", lambda device: contextlib.nullcontext())
+    cfg = imm_config()
+    net = Recorder(SongUNet(8, 1, 1, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+                            dropout=0.3, time2="add"))
+    model = FlowMap(net, cfg.precond.flowmap, SIGMA_D).train()
+    losses.build(cfg).particles(model, model, torch.rand(8, 1, 8, 8) * 2 - 1, Draws.of(torch.Generator(), 8))
+    assert len(net.states) == 2 and torch.equal(*net.states) == rewind
 
 
 def test_particles_must_divide_the_batch():
@@ -182,3 +222,6 @@ def test_one_step_samples_have_the_data_law(trained):
     x_t = 80 * torch.randn(10_000, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64).numpy()
     x = torch.from_numpy(flowmap_sample(trained, [80.0], x_t, batch=10_000))
     assert w2_to_normal(x[:, 0], gt.MU, gt.S) < 0.12
+    model = FlowMap(ExactTrigFlow(), FlowMapSpec(path="fm_sd", output="trigflow", second="end"), SIGMA_D)
+    with pytest.raises(ValueError, match="splits groups of particles 4"):     # one rank's shard of a global batch
+        losses.build(imm_config()).particles(model, model, torch.zeros(8, 1), Draws(torch.Generator(), 16, slice(2, 10)))

@@ -58,6 +58,13 @@ def c_out(s: torch.Tensor, t: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return -((1 - s) * t - (1 - t) * s) * sigma_data / ((1 - t) ** 2 + t**2).sqrt()
 
 
+def kernel_width(s: torch.Tensor, t: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """w̃(s, t) = 1/|c_out(s, t)|. It grows without bound as s → t, where the group's MMD² tends to 0; where float
+    rounding makes c_out exactly 0 (s ~ U[t_min, t] landing on t, or one ulp below: a NaN gradient at step 2224 of
+    the ring2d toy run), a floor of 1e-12 on |c_out| gives that limit (every kernel value 0) instead of ∞·0."""
+    return 1 / c_out(s, t, sigma_data).abs().clamp_min(1e-12)
+
+
 def time_weight(t: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """w(s, t) = ½·sigmoid(b − λ_t)·(−dλ_t/dt)·α_t^a/(α_t² + σ_t²), λ_t = 2 ln((1 − t)/t), −dλ_t/dt = 2/(t(1 − t))."""
     lam = 2 * ((1 - t) / t).log()
@@ -125,6 +132,6 @@ class IMM(Loss):
         m = self.params.particles
         y, y_tilde, s, t = self.particles(model, target, x0, Draws.of(generator, x0.shape[0]), labels)
         groups, s, t = (-1, m, x0[0].numel()), s[::m], t[::m]
-        width = 1 / c_out(s, t, self.cfg.precond.sigma_data).abs()
+        width = kernel_width(s, t, self.cfg.precond.sigma_data)
         loss = time_weight(t, self.params.a, self.params.b) * mmd2(y.reshape(groups), y_tilde.reshape(groups), width)
         return loss.repeat_interleave(m)
