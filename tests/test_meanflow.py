@@ -138,6 +138,40 @@ def test_jvp_matches_central_differences_along_the_flow():
     assert ((dudt - fd).norm() / fd.norm()).item() < 1e-7
 
 
+class DropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.drop, self.outer = nn.Linear(4, 32), nn.Dropout(0.5), nn.Linear(32, 2)
+
+    def forward(self, z, c1, labels=None, c2=None):
+        return self.outer(self.drop(torch.tanh(self.inner(torch.cat([z, c1[:, None], c2[:, None]], dim=1)))))
+
+
+def test_u_and_its_derivative_share_one_dropout_mask():
+    """One JVP pass gives u and du/dt (new-methods.md §1.9): du/dt is the derivative of the very masked network that
+    gave u — the central difference of the same-seeded network — and not of a network with other masks."""
+    torch.manual_seed(0)
+    model = FlowMap(DropoutNet().double().train(), FlowMapSpec(), 0.5)
+    g = torch.Generator().manual_seed(4)
+    z, v = (torch.randn(64, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.rand(64, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    r = t * torch.rand(64, generator=g, dtype=torch.float64)
+
+    def seeded(seed, dz, dt):
+        torch.manual_seed(seed)
+        return model.u(z + dz * v, r, t + dt)
+
+    torch.manual_seed(5)
+    u, dudt = average_velocity_and_derivative(model, z, r, t, v)
+    h = 1e-5
+    with torch.no_grad():
+        assert torch.equal(u, seeded(5, 0, 0))
+        fd = (seeded(5, h, h) - seeded(5, -h, -h)) / (2 * h)
+        other = (seeded(6, h, h) - seeded(6, -h, -h)) / (2 * h)
+    assert ((dudt - fd).norm() / fd.norm()).item() < 1e-7
+    assert ((dudt - other).norm() / fd.norm()).item() > 0.1
+
+
 def test_gradient_flows_through_u_only():
     """The θ-gradient of the loss is that of Σ w·2Δ·u_θ with Δ and w = (ℓ + c)^−p held fixed (target stopped)."""
     model, loss = mlp_flowmap(1), build_loss()

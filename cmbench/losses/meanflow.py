@@ -27,7 +27,7 @@ class MeanFlowParams(Strict):
     p_mean_r: float = -2.0
     p_std_r: float = Field(default=2.0, gt=0)
     ratio: float = Field(default=0.75, ge=0, le=1)    # the probability of drawing r ≠ t ([MF-torch] --ratio)
-    # adaptive weight w = 1/stopgrad((ℓ + c)^p) (paper Eq. 11 per [MF-note]; [MF-torch] norm_p, norm_eps; CIFAR-10
+    # adaptive weight w = 1/stopgrad((ℓ + c)^p) (paper Table 1e per [MF-note]; [MF-torch] norm_p, norm_eps; CIFAR-10
     # scripts 0.75 and 1e-3, new-methods.md §1.5). p = 0 is plain squared ℓ2; p = 1 the gradient of log(ℓ + c)
     p: float = Field(default=0.75, ge=0)
     c: float = Field(default=1e-3, gt=0)
@@ -56,10 +56,11 @@ def average_velocity_and_derivative(model, z_t: torch.Tensor, r: torch.Tensor, t
 
 @register("meanflow")
 class MeanFlow(Loss):
-    """MeanFlow objective (Eqs. 9–11, Alg. 1 per [MF-note]; new-methods.md §1.2):
-    z_t = (1 − t)x + tε, v_c = ε − x, u_tgt = stopgrad(v_c − (t − r)·du_θ/dt) (the MeanFlow identity, Eq. 6, with
-    the conditional velocity in place of v), ℓ = Σ_dims (u_θ − u_tgt)² (a sum, not a mean, over the D data
-    dimensions, as both official codes), loss = ℓ/stopgrad((ℓ + c)^p). At r = t it is flow matching."""
+    """MeanFlow objective (§4.1 Eqs. 9–11 and Alg. 1 per [MF-note]; new-methods.md §1.2):
+    z_t = (1 − t)x + tε, v_c = ε − x, u_tgt = stopgrad(v_c − (t − r)·du_θ/dt) (the MeanFlow identity of Eqs. 3–6
+    with the conditional velocity in place of v), ℓ = Σ_dims (u_θ − u_tgt)² (a sum, not a mean, over the D data
+    dimensions, as both official codes), loss = ℓ/stopgrad((ℓ + c)^p) (Table 1e). At r = t it is flow matching.
+    The stopped target needs no second-order backward (App. B.4 per [MF-note])."""
     Params = MeanFlowParams
 
     @classmethod
