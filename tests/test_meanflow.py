@@ -41,7 +41,8 @@ def exact_residual(r, t, n=50_000):
     return build_loss().residual(model, x0, eps, full(r), full(t)).squeeze(1)
 
 
-PAIRS = [(0.2, 0.8), (0.6, 0.6), (0.0, 80 / 81)]   # §0.4 checks the first two by Monte Carlo; the last is where sampling starts
+# (r, t): §0.4 checks the first two by Monte Carlo; the last is where the flow-map sampler starts
+PAIRS = [(0.2, 0.8), (0.6, 0.6), (0.0, 80 / 81)]
 
 
 @pytest.mark.parametrize("r,t", PAIRS)

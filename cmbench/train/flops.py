@@ -12,7 +12,7 @@ through torch.func.jvp costs about a forward with backward, 3: both approximatio
     ect                 the model with backward, the target at r (whole batch) without (ect)       student 3 + 1
     sct                 the online pass with backward, the target's JVP (scm)                      student 3 + 3
     scd                 as sct, plus the teacher's velocity at x_t (one denoiser evaluation)       student 6, teacher 1
-    meanflow            one JVP whose primal u keeps its graph, then the backward of u alone        student 3 + 2
+    meanflow            one JVP whose primal u keeps its graph, then the backward of u alone       student 3 + 2
 The learned loss weighting of sCM (a tiny MLP of t) and the analytic teacher (numpy, no network) count 0."""
 import copy
 
