@@ -124,14 +124,17 @@ def test_shortcut_refuses_what_it_cannot_train(configs):
         check_run(exp.resolve("toy", "gauss1d", "shortcut", 0, {"train": {"batch": 48}}))
 
 
-# Learned shortcut after 1500 steps of the toy config (seed 0): max |u − u*| per level k over t on the level's
-# grid × z within ±2 std of z_t, and W2 of 1- and 2-step samples to N(0.3, 0.5²) (closed form for a Gaussian fit).
-STEPS, LEVEL_ERR, W2 = 1500, 0.3, 0.06
+# The toy config for 3000 steps with a sampling EMA of 0.99 (0.999 lags at this length, calibration.md). Measured,
+# seeds 0 / 1: max |u − u*| per level k = 0..7 over t on the level's grid × z within ±2 std of z_t
+#   0.078 0.249 0.157 0.102 0.093 0.104 0.110 0.113 / 0.077 0.338 0.138 0.080 0.093 0.099 0.101 0.102
+# and W2 of 1- / 2-step samples to N(0.3, 0.5²) (Gaussian fit, 4000 samples) 0.056 / 0.039 and 0.056 / 0.035.
+# At 1500 steps the levels were still 0.2–0.7 off. Bounds ~2× the worse seed.
+STEPS, LEVEL_ERR, W2 = 3000, 0.6, {"1": 0.12, "2": 0.08}
 
 
 def test_shortcut_learns_the_exact_shortcut_at_every_level(tmp_path):
     cfg = check_run(Experiment(REPO / "configs").resolve(
-        "toy", "gauss1d", "shortcut", 0, {"train": {"steps": STEPS}}))
+        "toy", "gauss1d", "shortcut", 0, {"train": {"steps": STEPS, "ema_decay": 0.99}}))
     rdir = paths.run_dir(tmp_path, cfg.run)
     final = loop.train(cfg, rdir, progress=False)
     model = build_model(cfg)
@@ -147,7 +150,7 @@ def test_shortcut_learns_the_exact_shortcut_at_every_level(tmp_path):
                 err = (model.u(zz, tt - d, tt) - gt.average_velocity(zz, t - d, t)).abs().max().item()
                 assert err < LEVEL_ERR, (k, t, err)
     x_t = 80 * np.random.default_rng(0).standard_normal((4000, 1))
-    for nfe in ("1", "2"):
+    for nfe, bound in W2.items():
         x = flowmap_sample(model, cfg.sample.sigmas[nfe], x_t, 4000)
-        w2 = math.hypot(x.mean() - gt.MU, x.std() - gt.S)
-        assert w2 < W2, (nfe, w2)
+        w2 = math.hypot(x.mean() - gt.MU, x.std() - gt.S)     # W2 between Gaussians; samples are near-Gaussian
+        assert w2 < bound, (nfe, w2)
