@@ -161,3 +161,14 @@ def test_adamw_weight_decay_is_opt_in():
     assert type(opt) is torch.optim.AdamW and opt.defaults["weight_decay"] == 0.1
     opt = loop.build_optimizer(exp.resolve("toy", "gauss1d", "ict", 0), [nn.Parameter(torch.zeros(1))])
     assert type(opt) is torch.optim.Adam and opt.defaults["weight_decay"] == 0
+
+
+@pytest.mark.parametrize("every", [8, 4])
+def test_training_flops_count_the_bootstrap_passes(every):
+    """Per sample: the online pass with backward (3 forwards) and two target forwards on 1/every of the batch, × the
+    two-time MLP's forward by hand (inputs 1 + 16 + 16 sin/cos features, 3 hidden layers of 128, output 1)."""
+    from cmbench.train import flops
+    cfg = Experiment(REPO / "configs").resolve("toy", "gauss1d", "shortcut", 0, {"loss": {"bootstrap_every": every}})
+    per_forward = 2 * (33 * 128 + 2 * 128 * 128 + 128 * 1)
+    got = flops.flops_per_step(cfg, build_model(cfg), None, "cpu")
+    assert got == pytest.approx((3 + 2 / every) * per_forward * cfg.train.batch, rel=1e-12)
