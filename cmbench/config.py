@@ -209,7 +209,8 @@ class FlowMapSpec(Strict):
     'trigflow' form c_skip·z_t + c_out·F(c_in·z_t) (§4.3: sCM's TrigFlow step ending at r instead of 0)."""
     path: Literal["fm", "fm_sd"] = "fm"
     output: Literal["velocity", "trigflow"] = "velocity"
-    second: Literal["gap", "end"] = "gap"   # the net's second time: t − r (MeanFlow's h, Shortcut's d) or r (IMM's s)
+    # the net's second time: t − r (MeanFlow's h), r (IMM's s) or log2(1/(t − r)) (Shortcut's step label k, d = 2^−k)
+    second: Literal["gap", "end", "log2_gap"] = "gap"
     time_scale: PosFloat = 1.0             # c_noise = scale·t: raw t (MeanFlow), 1000·t (IMM)
     t_min: Annotated[float, Field(ge=0, lt=1)] = 0.0   # the times it trains on; sampling clips to them (IMM:
     t_max: Annotated[float, Field(gt=0, le=1)] = 1.0   # [0.006, 0.994], new-methods.md §4.2)
@@ -256,10 +257,12 @@ class Precond(Strict):
 
 
 class Optim(Strict):
-    name: Literal["adam", "radam"] = "adam"
+    name: Literal["adam", "radam", "adamw"] = "adam"
     lr: PosFloat = 3e-4
     betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = [0.9, 0.999]
     eps: PosFloat = 1e-8
+    # adamw: decoupled decay θ ← θ − lr·wd·θ (Shortcut's optax.adamw, wd 0.1); adam/radam add wd·θ to the gradient
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
 
 
 class Train(Strict):

@@ -80,9 +80,10 @@ class FlowMap(nn.Module):
         self.nu = sigma_data if spec.path == "fm_sd" else 1.0
 
     def times(self, t: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The net's two time inputs: scale·t and scale·(t − r) ('gap') or scale·r ('end')."""
-        k = self.spec.time_scale
-        return k * t, k * (t - r if self.spec.second == "gap" else r)
+        """The net's two time inputs: scale·t and scale·(t − r) ('gap'), scale·r ('end') or scale·log2(1/(t − r))
+        ('log2_gap': Shortcut's integer step label k for d = 2^−k; r < t)."""
+        k, second = self.spec.time_scale, self.spec.second
+        return k * t, k * (t - r if second == "gap" else r if second == "end" else -torch.log2(t - r))
 
     def u(self, z_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None):
         """The average velocity of a 'velocity' model (differentiable in z_t, r and t: no clipping here)."""

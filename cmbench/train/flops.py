@@ -13,6 +13,8 @@ through torch.func.jvp costs about a forward with backward, 3: both approximatio
     sct                 the online pass with backward, the target's JVP (scm)                      student 3 + 3
     scd                 as sct, plus the teacher's velocity at x_t (one denoiser evaluation)       student 6, teacher 1
     meanflow            one JVP whose primal u keeps its graph, then the backward of u alone       student 3 + 2
+    shortcut            the model with backward; two target passes on the bootstrap rows, 1/every    student 3 + 2/every
+    imm                 f_{s,t} with backward, f_{s,r} without (imm)                                  student 3 + 1
 The learned loss weighting of sCM (a tiny MLP of t) and the analytic teacher (numpy, no network) count 0."""
 import copy
 
@@ -28,7 +30,8 @@ def _heun(cfg) -> int:
 EVALS = {"edm": lambda cfg: (3, 0), "ct": lambda cfg: (4, 0), "ict": lambda cfg: (4, 0), "ect": lambda cfg: (4, 0),
          "cd": lambda cfg: (4, _heun(cfg)),
          "direct_cm": lambda cfg: (3, _heun(cfg) * cfg.loss.get("n", 18) / 2),
-         "sct": lambda cfg: (6, 0), "scd": lambda cfg: (6, 1), "meanflow": lambda cfg: (5, 0)}
+         "sct": lambda cfg: (6, 0), "scd": lambda cfg: (6, 1), "meanflow": lambda cfg: (5, 0),
+         "shortcut": lambda cfg: (3 + 2 / cfg.loss.get("bootstrap_every", 8), 0), "imm": lambda cfg: (4, 0)}
 
 
 @torch.no_grad()

@@ -27,8 +27,8 @@ from cmbench.train.flops import flops_per_step
 
 def build_optimizer(cfg: RunConfig, params):
     o = cfg.optim
-    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[o.name]
-    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam, "adamw": torch.optim.AdamW}[o.name]
+    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
 def power_ema_gamma(sigma_rel: float) -> float:
