@@ -30,14 +30,14 @@ def test_merge_order(configs):
 
 
 def test_a_default_reaches_every_variant_that_does_not_set_it(configs):
-    """configs/defaults.yaml is the lowest YAML layer of every variant: a precond value set there reaches all eight,
+    """configs/defaults.yaml is the lowest YAML layer of every variant: a precond value set there reaches all of them,
     whatever their precond.name (a block with another name used to replace it: 4 of 8 saw the value), and an
     optim value reaches the papers' RAdam and Adam blocks too, except where a variant sets it itself."""
     (configs / "defaults.yaml").write_text(yaml.safe_dump({"precond": {"sigma_data": 0.45, "rho": 6.0},
                                                            "optim": {"eps": 1e-7}}))
     exp = Experiment(configs)
     variants = exp.suite("toy")["variants"]
-    assert len(variants) == 8
+    assert len(variants) == 11
     names = set()
     for suite in ("toy", "cifar10", "imagenet64"):
         dataset = exp.suite(suite)["datasets"][0]
@@ -47,7 +47,8 @@ def test_a_default_reaches_every_variant_that_does_not_set_it(configs):
             assert (cfg.precond.sigma_data, cfg.precond.rho) == (0.45, 6.0), (suite, v)
             own = suite == "imagenet64" and v in ("sct", "scd")        # sCM Table 4 sets ε 1e-11
             assert cfg.optim.eps == (1e-11 if own else 1e-7), (suite, v)
-    assert {n for n, _ in names} == {"cm", "edm", "trigflow"} and {o for _, o in names} == {"adam", "radam"}
+    assert {n for n, _ in names} == {"cm", "edm", "trigflow", "flowmap"}
+    assert {o for _, o in names} == {"adam", "radam", "adamw"}
 
 
 def test_the_schema_is_the_lowest_layer(configs):
