@@ -59,13 +59,17 @@ class Plan:
                 for seed in s["seeds"]:
                     cfg = resolve_run(exp, suite, dataset, variant, seed, parsed, scale)
                     runs[str(paths.run_dir(results, cfg.run))] = cfg
-        for cfg in runs.values():     # a trained teacher is trained (not evaluated) even outside the suite
+        pending = list(runs.values())    # a trained teacher (and its own) is trained even outside the suite
+        while pending:
+            cfg = pending.pop()
             if cfg.teacher is not None and cfg.teacher.source == "run":
-                t = resolve_run(exp, suite, cfg.run.dataset, cfg.teacher.variant, cfg.run.seed, parsed, scale,
-                                as_teacher=True)
+                t = resolve_run(exp, suite, cfg.run.dataset, cfg.teacher.variant, cfg.run.seed, parsed, scale)
                 if cfg.teacher.init_student:
                     check_init(cfg, t)
-                teachers[str(paths.run_dir(results, t.run))] = t
+                key = str(paths.run_dir(results, t.run))
+                if key not in teachers:
+                    teachers[key] = t
+                    pending.append(t)
         launcher = str(config.get("launcher", "inline"))
         if launcher not in LAUNCHERS:
             raise ConfigError(f"--config launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}")
