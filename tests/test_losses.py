@@ -154,4 +154,4 @@ def test_registry_finds_every_loss_module():
     modules = {m.name for m in pkgutil.iter_modules(cmbench.losses.__path__)}
     found = {cls.__module__.rsplit(".", 1)[1] for cls in losses.LOSSES.values()}
     assert found == modules - {"base", "pieces", "consistency"}
-    assert set(losses.LOSSES) == {"ct", "ict", "cd", "direct_cm", "edm", "ect", "sct", "scd"}
+    assert set(losses.LOSSES) == {"ct", "ict", "cd", "direct_cm", "edm", "ect", "sct", "scd", "tcm"}

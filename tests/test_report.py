@@ -88,8 +88,8 @@ def _bad_file(tmp_path, edit) -> Path:
     data = yaml.safe_load(PAPER_NUMBERS.read_text())
     edit(data)
     (tmp_path / "variants").mkdir()
-    for v in ("edm", "cd", "ct", "ict", "ect", "sct", "scd", "direct_cm"):
-        (tmp_path / "variants" / f"{v}.yaml").write_text("{}\n")
+    for v in PAPER_NUMBERS.parent.glob("variants/*.yaml"):     # every variant the real file may name
+        (tmp_path / "variants" / v.name).write_text("{}\n")
     path = tmp_path / "paper_numbers.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True))
     return path
