@@ -222,7 +222,9 @@ class Plan:
         from cmbench.metrics.evaluate import reference_path, reference_sets
         if self._references is None:
             self._references = {}
-            for rdir, cfg in self.runs.items():
+            # a fused teacher run is evaluated too: one with a trained teacher of its own (TCM's stage 1) may need an
+            # ODE reference that no suite run shares
+            for rdir, cfg in {**self.runs, **self.teacher_runs}.items():
                 for n in cfg.sample.nfe:
                     for s in dict.fromkeys(s for m in cfg.metric_sets() for s in reference_sets(cfg, n, m)):
                         self._references.setdefault(str(reference_path(cfg, n, self.results, s)), (Path(rdir), n, s))
@@ -232,7 +234,8 @@ class Plan:
         """The reference job's input: the teacher weights that a teacher's ODE solution is solved with."""
         from cmbench.metrics import ode_ref
         rdir, _, s = self.reference_sources()[str(Path(self.results) / "reference" / f"{w.name}.npz")]
-        return [str(ode_ref.teacher_weights(self.runs[str(rdir)], self.results))] if s == ode_ref.REFERENCE else []
+        cfg = {**self.runs, **self.teacher_runs}[str(rdir)]
+        return [str(ode_ref.teacher_weights(cfg, self.results))] if s == ode_ref.REFERENCE else []
 
     def reference_args(self, output: str) -> list[str]:
         rdir, nfe, metric = self.reference_sources()[output]

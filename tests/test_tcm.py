@@ -174,19 +174,22 @@ def test_stage_2_learns_the_injected_stage_1_map():
 
 
 def test_snakemake_plans_tcm_after_its_stage_1_and_edm(tmp_path):
-    """`snakemake -n` on a suite of tcm alone plans three runs: tcm, its stage-1 `ect` run (a teacher outside the
-    suite, itself started from `edm`) and edm, each waiting for its teacher's final.pt."""
+    """`snakemake -n` on a suite of tcm alone plans three runs per dataset: tcm, its stage-1 `ect` run (a teacher
+    outside the suite, itself started from `edm`) and edm, each waiting for its teacher's final.pt; on digits the
+    evaluated stage-1 run's ODE reference (against edm) has a job too."""
     import yaml
     configs = tmp_path / "configs"
     subprocess.run(["cp", "-r", str(REPO / "configs"), str(configs)], check=True)
     (configs / "experiment.yaml").write_text(yaml.safe_dump(
-        {"suites": {"t": {"variants": ["tcm"], "datasets": ["gauss1d"], "seeds": [0]}}}))
+        {"suites": {"t": {"variants": ["tcm"], "datasets": ["gauss1d", "digits"], "seeds": [0]}}}))
     r = subprocess.run([sys.executable, "-m", "snakemake", "all", "-n", "--cores", "1", "-s",
                         str(REPO / "Snakefile"), "--directory", str(tmp_path), "--config", f"configs={configs}",
                         "suite=t"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    runs = "results/runs/t/gauss1d"
     inputs = {m[2]: m[1] for m in re.finditer(r"rule run:\n    input: (.*)\n    output: (\S+)/final.pt", r.stdout)}
-    assert set(inputs) == {f"{runs}/{v}/s0" for v in ("tcm", "ect", "edm")}
-    assert f"{runs}/ect/s0/final.pt" in inputs[f"{runs}/tcm/s0"]
-    assert f"{runs}/edm/s0/final.pt" in inputs[f"{runs}/ect/s0"]
+    for d in ("gauss1d", "digits"):
+        runs = f"results/runs/t/{d}"
+        assert {f"{runs}/{v}/s0" for v in ("tcm", "ect", "edm")} <= set(inputs)
+        assert f"{runs}/ect/s0/final.pt" in inputs[f"{runs}/tcm/s0"]
+        assert f"{runs}/edm/s0/final.pt" in inputs[f"{runs}/ect/s0"]
+    assert len(inputs) == 6
