@@ -88,7 +88,7 @@ def _bad_file(tmp_path, edit) -> Path:
     data = yaml.safe_load(PAPER_NUMBERS.read_text())
     edit(data)
     (tmp_path / "variants").mkdir()
-    for v in PAPER_NUMBERS.parent.glob("variants/*.yaml"):     # every variant the real file may name
+    for v in PAPER_NUMBERS.parent.joinpath("variants").glob("*.yaml"):   # the repo's variants, by name
         (tmp_path / "variants" / v.name).write_text("{}\n")
     path = tmp_path / "paper_numbers.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True))
