@@ -19,18 +19,19 @@ def check_run(cfg: RunConfig, data: bool = True) -> RunConfig:
 
 
 def resolve_run(exp: Experiment, suite: str, dataset: str, variant: str, seed: int, overrides: dict | None = None,
-                scale: str | None = None, as_teacher: bool = False) -> RunConfig:
+                scale: str | None = None, chain: tuple[str, ...] = ()) -> RunConfig:
     """A run's checked config. A student of a trained teacher carries the teacher's training hash (teacher.hash),
-    so that the student's own hash changes, and it retrains, whenever its teacher's training does."""
+    so that the student's own hash changes, and it retrains, whenever its teacher's training does; a teacher may
+    have a trained teacher of its own (TCM's stage 2 → its ECT stage 1 → EDM). `chain`: the students below."""
     cfg = check_run(exp.resolve(suite, dataset, variant, seed, overrides, scale))
     if cfg.teacher is None or cfg.teacher.source != "run":
         return cfg
     where = f"config {suite}/{dataset}/{variant}"
-    if as_teacher:
-        raise ConfigError(f"{where}: a teacher run cannot itself distil a trained run")
+    if cfg.teacher.variant in (*chain, variant):
+        raise ConfigError(f"{where}: the teacher chain {' → '.join((*chain, variant, cfg.teacher.variant))} loops")
     if cfg.teacher.hash is not None:
         raise ConfigError(f"{where}: teacher.hash is filled in by cmbench (the teacher run's training hash): remove it")
-    t = resolve_run(exp, suite, dataset, cfg.teacher.variant, seed, overrides, scale, as_teacher=True)
+    t = resolve_run(exp, suite, dataset, cfg.teacher.variant, seed, overrides, scale, (*chain, variant))
     return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"hash": t.hash})})
 
 

@@ -24,3 +24,10 @@ class Draws:
         """One index per sample of the global batch (with replacement), this rank's entries."""
         probs = probs.to(self.generator.device)
         return torch.multinomial(probs, self.batch, replacement=True, generator=self.generator)[self.part]
+
+    def choose(self, k: int) -> torch.Tensor:
+        """A mask with exactly k True entries at uniformly random positions of the global batch, this rank's
+        entries."""
+        mask = torch.zeros(self.batch, dtype=torch.bool, device=self.generator.device)
+        mask[torch.randperm(self.batch, generator=self.generator, device=self.generator.device)[:k]] = True
+        return mask[self.part]

@@ -59,13 +59,17 @@ class Plan:
                 for seed in s["seeds"]:
                     cfg = resolve_run(exp, suite, dataset, variant, seed, parsed, scale)
                     runs[str(paths.run_dir(results, cfg.run))] = cfg
-        for cfg in runs.values():     # a trained teacher is trained (not evaluated) even outside the suite
+        pending = list(runs.values())    # a trained teacher (and its own) is trained even outside the suite
+        while pending:
+            cfg = pending.pop()
             if cfg.teacher is not None and cfg.teacher.source == "run":
-                t = resolve_run(exp, suite, cfg.run.dataset, cfg.teacher.variant, cfg.run.seed, parsed, scale,
-                                as_teacher=True)
+                t = resolve_run(exp, suite, cfg.run.dataset, cfg.teacher.variant, cfg.run.seed, parsed, scale)
                 if cfg.teacher.init_student:
                     check_init(cfg, t)
-                teachers[str(paths.run_dir(results, t.run))] = t
+                key = str(paths.run_dir(results, t.run))
+                if key not in teachers:
+                    teachers[key] = t
+                    pending.append(t)
         launcher = str(config.get("launcher", "inline"))
         if launcher not in LAUNCHERS:
             raise ConfigError(f"--config launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}")
@@ -218,7 +222,9 @@ class Plan:
         from cmbench.metrics.evaluate import reference_path, reference_sets
         if self._references is None:
             self._references = {}
-            for rdir, cfg in self.runs.items():
+            # a fused teacher run is evaluated too: one with a trained teacher of its own (TCM's stage 1) may need an
+            # ODE reference that no suite run shares
+            for rdir, cfg in {**self.runs, **self.teacher_runs}.items():
                 for n in cfg.sample.nfe:
                     for s in dict.fromkeys(s for m in cfg.metric_sets() for s in reference_sets(cfg, n, m)):
                         self._references.setdefault(str(reference_path(cfg, n, self.results, s)), (Path(rdir), n, s))
@@ -228,7 +234,8 @@ class Plan:
         """The reference job's input: the teacher weights that a teacher's ODE solution is solved with."""
         from cmbench.metrics import ode_ref
         rdir, _, s = self.reference_sources()[str(Path(self.results) / "reference" / f"{w.name}.npz")]
-        return [str(ode_ref.teacher_weights(self.runs[str(rdir)], self.results))] if s == ode_ref.REFERENCE else []
+        cfg = {**self.runs, **self.teacher_runs}[str(rdir)]
+        return [str(ode_ref.teacher_weights(cfg, self.results))] if s == ode_ref.REFERENCE else []
 
     def reference_args(self, output: str) -> list[str]:
         rdir, nfe, metric = self.reference_sources()[output]

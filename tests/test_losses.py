@@ -155,4 +155,4 @@ def test_registry_finds_every_loss_module():
     found = {cls.__module__.rsplit(".", 1)[1] for cls in losses.LOSSES.values()}
     assert found == modules - {"base", "pieces", "consistency"}
     assert set(losses.LOSSES) == {"ct", "ict", "cd", "direct_cm", "edm", "ect", "sct", "scd", "imm", "meanflow",
-                                  "shortcut"}
+                                  "shortcut", "tcm"}

@@ -39,11 +39,15 @@ class ECT(Loss):
     def stage(self, step: int) -> int:
         return step // self.params.double_every
 
+    def shrink(self, step: int) -> float:
+        """1 − ratio = q^−(a+1) at stage a (ECT training/loss.py)."""
+        return self.params.q ** -(self.stage(step) + 1)
+
     def r_of_t(self, t: torch.Tensor, step: int) -> torch.Tensor:
         """r = t·(1 − q^−(a+1)·(1 + k·sigmoid(−b·t))), clipped at 0 (ECT training/loss.py); `constant` drops the
         sigmoid term."""
         p = self.params
-        shrink = p.q ** -(self.stage(step) + 1)
+        shrink = self.shrink(step)
         if p.mapping == "sigmoid":
             shrink = shrink * (1 + p.k * torch.sigmoid(-p.b * t))
         return (t * (1 - shrink)).clamp(min=0)
@@ -52,23 +56,36 @@ class ECT(Loss):
         return {"stage": self.stage(step)}
 
     def __call__(self, model, target, x0, step, generator, labels=None):
-        p, sd = self.params, self.cfg.precond.sigma_data
+        p = self.params
         draws = Draws.of(generator, x0.shape[0])
         n = draws.randn((), like=x0)
         t = (p.p_mean + p.p_std * n).exp()
-        r = self.r_of_t(t, step)
         z = draws.randn(x0.shape[1:], like=x0)
+        return self.pair_loss(model, target, x0, t, self.r_of_t(t, step), z, labels)
+
+    @staticmethod
+    def at_r(net, x0, t, r, z, labels):
+        """f(x0 + r·z, r) by `net`, x0 itself where r = 0. The whole batch is evaluated, so that its dropout masks
+        line up with the online pass (as ECT's code); where r = 0 the network's output there (run at t, not at
+        c_noise = ¼ ln 0) is discarded."""
+        col = (-1,) + (1,) * (x0.ndim - 1)
+        keep = r > 0
+        if not bool(keep.any()):
+            return x0
+        r_net = torch.where(keep, r, t)
+        return torch.where(keep.reshape(col), net(x0 + r_net.reshape(col) * z, r_net, labels), x0)
+
+    def targets(self, target, x0, t, r, z, labels):
+        """The stop-gradient target of each sample (ECT: the online network itself, θ⁻ = stopgrad θ)."""
+        return self.at_r(target, x0, t, r, z, labels)
+
+    def pair_loss(self, model, target, x0, t, r, z, labels):
+        """w(t, r)·d(f_θ(x0 + t·z, t), stopgrad target) per sample."""
+        p, sd = self.params, self.cfg.precond.sigma_data
         col = (-1,) + (1,) * (x0.ndim - 1)
         with pieces.same_dropout(x0.device):
             pred = model(x0 + t.reshape(col) * z, t, labels)
         with torch.no_grad():
-            keep = r > 0
-            tgt = x0
-            if bool(keep.any()):
-                # the whole batch, so that its dropout masks line up with the online pass (as ECT's code); where
-                # r = 0 the target is f(x, 0) = x0 and the network's output there (run at t, not at c_noise =
-                # ¼ ln 0) is discarded
-                r_net = torch.where(keep, r, t)
-                tgt = torch.where(keep.reshape(col), target(x0 + r_net.reshape(col) * z, r_net, labels), x0)
+            tgt = self.targets(target, x0, t, r, z, labels)
         weight = pieces.inv_delta_weight(r, t) if p.weighting == "inv_delta" else 1 / t**2 + 1 / sd**2
         return weight * pieces.pseudo_huber(pred, tgt, p.huber_c)

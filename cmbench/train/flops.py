@@ -15,6 +15,7 @@ through torch.func.jvp costs about a forward with backward, 3: both approximatio
     meanflow            one JVP whose primal u keeps its graph, then the backward of u alone       student 3 + 2
     shortcut            the model with backward; two target passes on the bootstrap rows, 1/every    student 3 + 2/every
     imm                 f_{s,t} with backward, f_{s,r} without (imm)                                  student 3 + 1
+    tcm                 as ect, plus the frozen stage-1 model at r (whole batch) (tcm)               student 4, teacher 1
 The learned loss weighting of sCM (a tiny MLP of t) and the analytic teacher (numpy, no network) count 0."""
 import copy
 
@@ -31,7 +32,8 @@ EVALS = {"edm": lambda cfg: (3, 0), "ct": lambda cfg: (4, 0), "ict": lambda cfg:
          "cd": lambda cfg: (4, _heun(cfg)),
          "direct_cm": lambda cfg: (3, _heun(cfg) * cfg.loss.get("n", 18) / 2),
          "sct": lambda cfg: (6, 0), "scd": lambda cfg: (6, 1), "meanflow": lambda cfg: (5, 0),
-         "shortcut": lambda cfg: (3 + 2 / cfg.loss.get("bootstrap_every", 8), 0), "imm": lambda cfg: (4, 0)}
+         "shortcut": lambda cfg: (3 + 2 / cfg.loss.get("bootstrap_every", 8), 0), "imm": lambda cfg: (4, 0),
+         "tcm": lambda cfg: (4, 1)}
 
 
 @torch.no_grad()
