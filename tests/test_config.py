@@ -37,7 +37,7 @@ def test_a_default_reaches_every_variant_that_does_not_set_it(configs):
                                                            "optim": {"eps": 1e-7}}))
     exp = Experiment(configs)
     variants = exp.suite("toy")["variants"]
-    assert len(variants) == 11
+    assert len(variants) == 12
     names = set()
     for suite in ("toy", "cifar10", "imagenet64"):
         dataset = exp.suite(suite)["datasets"][0]

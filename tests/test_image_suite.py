@@ -41,22 +41,26 @@ def test_sharded_sampling_equals_one_task(tmp_path):
 
 @pytest.mark.slow
 def test_digits_suite_end_to_end(tmp_path):
-    """The digits suite (EDM teacher, iCT, CD from the teacher) runs through Snakemake and reports pixel-space
-    FD at 1 and 2 steps (35 for the teacher's Heun sampler), and draws its sample grids."""
+    """The digits suite (EDM teacher, iCT, CD and ECT from the teacher, TCM from ECT, MeanFlow, Shortcut and IMM from
+    scratch) runs through Snakemake and reports pixel-space FD at each variant's NFEs (35 for the teacher's Heun
+    sampler) and the ODE error of the runs with a diffusion teacher, and draws its sample grids."""
     small = "train.steps=20 sample.n=100 sample.batch=100 evaluate.floor_repeats=2"
     r = run_snakemake("--cores", "2", "--config", "suite=digits", f"results={tmp_path}", f"set={small}")
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_csv(tmp_path / "tables" / "records_digits.csv")
+    exp = Experiment(REPO / "configs")
+    nfes = {v: exp.resolve("digits", "digits", v, 0).sample.nfe for v in exp.suite("digits")["variants"]}
+    assert nfes["edm"] == [35] and nfes["shortcut"] == [1, 2, 4]
     got = set(zip(df.variant, df.nfe, df.metric))
-    assert got == {("ict", 1, "fd"), ("ict", 2, "fd"), ("cd", 1, "fd"), ("cd", 2, "fd"), ("edm", 35, "fd"),
-                   ("cd", 1, "ode_error")}
+    assert got == {(v, n, "fd") for v, ns in nfes.items() for n in ns} | {("cd", 1, "ode_error"), ("ect", 1, "ode_error")}
     assert (df.value > 0).all() and (df.value > df.ideal).all() and (df.backend == "cmbench-pixels").all()
     summary = (tmp_path / "tables" / "summary_digits.md").read_text()
     assert "fd @1" in summary and "fd @2" in summary
     # the sample grids: the teacher and every student at each NFE, the same 64 seeds in every panel
     src = np.load(tmp_path / "plots" / "digits_digits_samples.npz")
-    assert list(zip(src["variant"], src["nfe"])) == [("edm", 35), ("ict", 1), ("ict", 2), ("cd", 1), ("cd", 2)]
-    assert src["seeds"].shape == (5, 64) and (src["seeds"] == src["seeds"][0]).all()
+    panels = [("edm", 35)] + [(v, n) for v, ns in nfes.items() if v != "edm" for n in ns]
+    assert list(zip(src["variant"], src["nfe"])) == panels
+    assert src["seeds"].shape == (len(panels), 64) and (src["seeds"] == src["seeds"][0]).all()
     assert (tmp_path / "plots" / "digits_digits_samples.png").stat().st_size > 10_000
     # CD's ODE error against the teacher's Heun solution reaches the ODE-vs-quality study
     assert "digits, NFE 1, fd:" in (tmp_path / "tables" / "ode_vs_quality_digits.md").read_text()

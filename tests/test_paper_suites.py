@@ -90,6 +90,12 @@ def test_init_student_needs_the_teachers_network(data, configs, monkeypatch):
         Plan.from_snakemake({"suite": "cifar10", "configs": str(configs), "set": [f"dataset.path={data['cifar10']}"]})
 
 
+def suite_nfes(suite: str) -> dict[str, list[int]]:
+    """Each variant of a paper suite → the NFEs it is sampled at (its own config's sample.nfe)."""
+    exp = Experiment(REPO / "configs")
+    return {v: exp.resolve(suite, suite, v, 0).sample.nfe for v in exp.suite(suite)["variants"]}
+
+
 @pytest.mark.parametrize("suite", PAPER)
 def test_paper_dag_plans_on_the_release_format(data, suite, tmp_path):
     """`snakemake -n --profile slurm all --config suite=S set="dataset.path=DIR"` on a local copy in the real
@@ -98,8 +104,8 @@ def test_paper_dag_plans_on_the_release_format(data, suite, tmp_path):
     r = run_snakemake("-n", "--profile", "slurm", "--config", f"suite={suite}", f"results={tmp_path / 'res'}",
                       f"set=dataset.path={data[suite]}", env={"CMBENCH_WEIGHTS": str(data["plan-weights"])})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    variants, sets = 8, 4 if suite == "cifar10" else 3
-    samples = (variants - 1) * 2 + 1
+    nfes, sets = suite_nfes(suite), 4 if suite == "cifar10" else 3
+    variants, samples = len(nfes), sum(len(n) for n in nfes.values())
     # references: one per metric set, and on CIFAR-10 (pixel metrics on) the teacher's ODE solution, shared
     assert planned_jobs(r.stdout) == {"all": 1, "train": variants, "sample": samples, "evaluate": samples * sets,
                                       "collect": variants, "reference": sets + (suite == "cifar10"), "report": 1,
@@ -113,10 +119,9 @@ def check_smoke_outputs(results: Path, suite: str) -> pd.DataFrame:
     fids = df[df.metric == "fid"]
     teacher_nfe = 35 if suite == "cifar10" else 79
     got = set(zip(fids.variant, fids.nfe, fids.backend + "/" + fids["mode"].fillna("")))
-    want = {(v, n, b) for v in ("ct", "ict", "cd", "direct_cm", "sct", "scd", "ect") for n in (1, 2)
+    want = {(v, n, b) for v, vn in suite_nfes(suite).items() for n in vn
             for b in ("torch-fidelity/", "clean-fid/legacy_tensorflow", "clean-fid/clean")}
-    want |= {("edm", teacher_nfe, b) for b in ("torch-fidelity/", "clean-fid/legacy_tensorflow", "clean-fid/clean")}
-    assert got == want
+    assert got == want and ("edm", teacher_nfe) in {(v, n) for v, n, _ in got}
     assert (fids.value > 0).all() and (fids.fid_dims == 64).all() and (fids.n_gen == 8).all()
     assert (fids.conditional == (suite == "imagenet64")).all()
     for (v, n), g in fids.groupby(["variant", "nfe"]):       # one sample file, read by every backend
@@ -135,7 +140,7 @@ def test_smoke_dag_on_local_cores(data, suite, tmp_path):
     df = check_smoke_outputs(tmp_path, suite)
     cfg = yaml.safe_load((tmp_path / "runs" / suite / suite / "sct" / "s0" / "config.json").read_text())["config"]
     assert cfg["train"]["steps"] == 6 and cfg["net"]["model_channels"] == 16       # the smoke scale, recorded
-    assert set(df.variant) == {"edm", "ct", "ict", "cd", "direct_cm", "sct", "scd", "ect"}
+    assert set(df.variant) == set(suite_nfes(suite))
 
 
 @pytest.mark.slow
@@ -157,7 +162,8 @@ def test_smoke_dag_through_slurm(data, tmp_path):
     records = {p.parents[2].name + "/" + p.stem: yaml.safe_load(p.read_text())
                for p in (tmp_path / "runs").glob("cifar10/cifar10/*/s0/jobs/*.json")}
     runs = {k for k in records if k.endswith("/run")}
-    assert len(runs) == 8 and len(records) == 8 + 5    # a job per run, per reference (pixels, 3 FIDs, teacher's ODE)
+    n = len(suite_nfes("cifar10"))
+    assert len(runs) == n and len(records) == n + 5    # a job per run, per reference (pixels, 3 FIDs, teacher's ODE)
     assert {r["launcher"] for r in records.values()} == {"slurm"}
     ids = ",".join(str(r["job_id"]) for r in records.values())
     states = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ids, "--format=State"], capture_output=True,

@@ -9,6 +9,9 @@ from cmbench.config import RunConfig, Strict
 class Loss(ABC):
     Params: type[Strict]
     needs_teacher = False
+    # what the teacher run is to the loss: a diffusion model's denoiser (CD, sCD, Direct CM, and the runs started from
+    # its weights), or a consistency model it builds on (TCM's stage 1), whose Heun ODE solution means nothing
+    teacher_kind = "denoiser"
 
     def __init__(self, params: Strict, cfg: RunConfig, teacher=None, model=None):
         """`model`: the network being trained, for a loss whose learned parts are sized by it (sCM)."""

@@ -52,6 +52,7 @@ class TCM(ECT):
     """ECT's pair loss on σ ≥ t′ with stage-1 targets below t′ and the weighted boundary term."""
     Params = TCMParams
     needs_teacher = True
+    teacher_kind = "consistency"
 
     def __init__(self, params, cfg, teacher=None, model=None):
         super().__init__(params, cfg, teacher, model)

@@ -27,9 +27,12 @@ KEYS = ("images", "seeds", "convergence", "steps", "check_steps", "check_n", "ke
 
 
 def applies(cfg: RunConfig, nfe: int) -> bool:
-    """An image run with a teacher (always a trained run on images: the distilled variants, and those started
-    from its weights), at one step."""
-    return isinstance(cfg.dataset, ImageData) and nfe == 1 and cfg.teacher is not None
+    """An image run with a diffusion teacher (always a trained run on images: the distilled variants, and those
+    started from its weights; not TCM, whose teacher is its stage-1 consistency model), at one step."""
+    if not (isinstance(cfg.dataset, ImageData) and nfe == 1 and cfg.teacher is not None):
+        return False
+    from cmbench.losses import LOSSES
+    return LOSSES[cfg.loss["name"]].teacher_kind == "denoiser"
 
 
 def seeds(cfg: RunConfig) -> np.ndarray:
