@@ -107,7 +107,8 @@ class InfAt:
 
 def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, monkeypatch):
     build = loop.losses.build
-    monkeypatch.setattr(loop.losses, "build", lambda cfg, teacher=None, model=None: InfAt(build(cfg, teacher, model), 2))
+    monkeypatch.setattr(loop.losses, "build",
+                        lambda cfg, teacher=None, model=None: InfAt(build(cfg, teacher, model), 2))
     cfg = config("ct", {"precision": "fp16", "checkpoint_every": 1, "keep_checkpoints": 5})
     _, losses, rdir = run(tmp_path, cfg, "run")
     ck = [checkpoint.load(checkpoint.ckpt_path(paths.checkpoints_dir(rdir), k)) for k in (2, 3, 4)]
@@ -121,6 +122,16 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, monkeypatch
     stats = [json.loads(line) for line in paths.stats_file(rdir).read_text().splitlines()]
     assert losses[2] is None and all(x is not None for i, x in enumerate(losses) if i != 2)
     assert [s["skipped_steps"] for s in stats] == [0, 0, 1, 1]
+
+
+def test_sct_bf16_on_the_unet_takes_its_jvp_in_fp32(tmp_path):
+    """Forward-mode AD through autocast failed on the U-Net's convolutions (input fp32, weight bf16); sCT's JVP
+    now runs in fp32 under autocast, and the bf16 run's losses track fp32's."""
+    cfg = config("sct", {"steps": 2, "batch": 4}, "digits", "digits").model_copy(update={"teacher": None})
+    _, ref, _ = run(tmp_path, cfg, "fp32")
+    bf16 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "bf16"})})
+    _, losses, _ = run(tmp_path, bf16, "bf16")
+    assert losses == pytest.approx(ref, rel=0.05)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
