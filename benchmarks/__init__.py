@@ -21,7 +21,8 @@ Markdown table of the run is printed (and written to `table.md` beside them).
     eval_every                the toy suite's ring2d runs (seed 0, each variant at its budget) with the suite's
                               evaluate.every vs without: what checkpoint evaluation adds (target ≤ 1.15).
     toy_suite                 `snakemake --cores 2 all` into a fresh results dir (only with --toy-suite).
-    gpu_ddpmpp                DDPM++ CIFAR-10 training and 1-step sampling images/s (only with CUDA).
+    gpu_{train,sample,fid,smoke}  the GPU check, its own command: `python -m benchmarks.gpu [--quick]` (module
+                              gpu; benchmarks/gpu_run.sh on a bare GPU machine).
 
 Modules: steps (the first two), fid, ode, eval_every, toy_suite, gpu; common (provenance, interleaving, records, the
 table); __main__ (the command). Timed assertions belong here, never in the tests.

@@ -8,15 +8,14 @@ from pathlib import Path
 from benchmarks.common import REPO, SIZES, fmt_ratio, git_state, machine, table, write_record
 from benchmarks.eval_every import bench_eval_every
 from benchmarks.fid import bench_fid
-from benchmarks.gpu import bench_gpu
 from benchmarks.ode import bench_ode
 from benchmarks.steps import bench_steps
 from benchmarks.toy_suite import bench_toy_suite
 from cmbench import io
 
-BENCHES = ("harness", "sct", "fid", "ode", "eval_every", "toy_suite", "gpu")
+BENCHES = ("harness", "sct", "fid", "ode", "eval_every", "toy_suite")   # the GPU check: python -m benchmarks.gpu
 ORDER = ["harness_step_mlp", "harness_step_unet", "sct_vs_ict_unet", "sct_vs_ict_mlp", "fid_torch_fidelity",
-         "ode_ground_truth", "eval_every", "toy_suite", "gpu_ddpmpp"]   # rows of the table
+         "ode_ground_truth", "eval_every", "toy_suite"]   # rows of the table
 
 
 def _records(want: set, sizes: dict, configs, out: Path):
@@ -39,8 +38,6 @@ def _records(want: set, sizes: dict, configs, out: Path):
             torch.set_num_threads(threads)
         if "toy_suite" in want:
             yield bench_toy_suite(sizes, REPO, keep=out)
-        if "gpu" in want:
-            yield bench_gpu(sizes, configs)
     finally:
         torch.set_num_threads(threads)
 
@@ -84,7 +81,7 @@ def main(argv=None) -> None:
     ap.add_argument("--toy-suite", action="store_true", help="also time `snakemake --cores 2 all` end to end (~10 min)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the plumbing, not the speed")
     ap.add_argument("--only", type=lambda s: s.split(","), default=None, metavar="NAME[,NAME]",
-                    help="harness, sct, fid, ode, eval_every, toy_suite, gpu (default: all; toy_suite needs --toy-suite)")
+                    help="harness, sct, fid, ode, eval_every, toy_suite (default: all; toy_suite needs --toy-suite)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default: 3; --quick: 1)")
     ap.add_argument("--configs", default="configs", help="config directory (default: %(default)s)")
     a = ap.parse_args(argv)

@@ -18,11 +18,11 @@ TARGETS = {"harness": 1.05, "sct": 2.0, "fid": 1.05, "ode_ratio": 1.0, "ode_diff
 # and its checkpoint saves are timed in a separate short run.
 SIZES = {
     "full": {"mlp": (100, 2000), "unet": (10, 100), "repeats": 3, "net_repeats": {"mlp": 5}, "fid_n": 100,
-             "ode_n": 10_000, "ode_ref_n": 200, "gpu_steps": (10, 40), "suite_cores": 2,
+             "ode_n": 10_000, "ode_ref_n": 200, "suite_cores": 2,
              # eval_every: (variants, dataset, train.steps; None: each variant's toy budget)
              "eval_every": (["ct", "ict", "edm", "cd", "direct_cm", "sct", "scd", "ect"], "ring2d", None)},
     "quick": {"mlp": (5, 20), "unet": (2, 3), "repeats": 1, "net_repeats": {}, "fid_n": 6, "ode_n": 400,
-              "ode_ref_n": 4, "gpu_steps": (2, 3), "suite_cores": 2, "eval_every": (["ct"], "ring2d", 4000)},
+              "ode_ref_n": 4, "suite_cores": 2, "eval_every": (["ct"], "ring2d", 4000)},
 }
 
 

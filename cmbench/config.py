@@ -280,6 +280,9 @@ class Train(Strict):
     progress_seconds: Annotated[float, Field(ge=0)] = 30.0
     threads: PosInt = 1                 # torch intra-op threads; two 1-thread runs beat one 2-thread run on toys
     init_from: Annotated[FilePath, Field(strict=False)] | None = None   # a checkpoint whose EMA weights start this run
+    # autocast dtype of the network and loss forward (fp16 adds a dynamic loss scale: cmbench.train.loop.LossScale)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False               # torch.compile the network (nn.Module.compile: same state_dict keys)
 
     @model_validator(mode="after")
     def _micro_batches(self):
@@ -429,14 +432,22 @@ class RunConfig(Strict):
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
+    def _hashed(self) -> dict:
+        """to_dict() less the fields added after runs existed, while at their defaults: their hashes stay."""
+        d = self.to_dict()
+        for key, default in UNHASHED_DEFAULTS.items():
+            if d["train"][key] == default:
+                del d["train"][key]
+        return d
+
     @property
     def hash(self) -> str:
         """The training hash, which checkpoints and final weights carry: every field but sampling, evaluation and
         RESOURCES, so that a run is retrained (and its old artifacts set aside) only when its training changes."""
-        d = self.to_dict()
+        d = self._hashed()
         del d["sample"], d["evaluate"]
         for key in RESOURCES["train"]:
-            del d["train"][key]
+            d["train"].pop(key, None)
         return config_hash(d)
 
     def sample_hash(self, nfe: int) -> str:
@@ -449,7 +460,7 @@ class RunConfig(Strict):
     @property
     def content_hash(self) -> str:
         """The whole config's hash: what RUN/config.json is checked against."""
-        return config_hash(self.to_dict())
+        return config_hash(self._hashed())
 
     def saved(self) -> dict:
         """RUN/config.json: the whole config with its hashes (training, each NFE's samples, the whole)."""
@@ -461,8 +472,11 @@ class RunConfig(Strict):
 # resumed or re-planned with other values goes on (bit-identical, or within float round-off for the batch splits;
 # samples and features do not depend on their batch size, DESIGN.md property 5), so no hash covers them
 RESOURCES = {"train": ("batch_per_device", "threads", "checkpoint_every", "keep_checkpoints", "log_every",
-                       "progress_seconds"),
+                       "progress_seconds", "compile"),
              "sample": ("batch",)}
+
+# train fields added later, left out of every hash while at these defaults (fp32, no compile: what ran before)
+UNHASHED_DEFAULTS = {"precision": "fp32", "compile": False}
 
 
 def config_hash(d: dict) -> str:

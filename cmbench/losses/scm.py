@@ -66,7 +66,10 @@ def tangent_jvp(target, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor
     instead of the result keeps it bounded near t = 0 and π/2 (no FP16 overflow)."""
     cos, sin = trig(t, x_t.ndim)
     cs = cos * sin * target.sigma_data
-    return torch.func.jvp(lambda x, s: target.raw(x, s, labels), (x_t, t), (cs * dxt_dt, cs.reshape(-1)))
+    # in fp32 under any train.precision: torch 2.14's forward-mode AD through autocast fails on the U-Net's
+    # convolutions on CPU (input fp32, weight bf16), and the JVP is the loss's overflow-prone part
+    with torch.autocast(x_t.device.type, enabled=False):
+        return torch.func.jvp(lambda x, s: target.raw(x, s, labels), (x_t, t), (cs * dxt_dt, cs.reshape(-1)))
 
 
 class SCMLoss(Loss):

@@ -25,6 +25,40 @@ from cmbench.train import distributed
 from cmbench.train.flops import flops_per_step
 
 
+# train.precision → autocast dtype; the network's matrix products and convolutions run in it, while the parameters,
+# optimizer, EMA and the loss arithmetic on the denoiser's output (c_skip·x + c_out·F promotes F back to fp32: sCM's
+# tangent normalisation, ECT/iCT distances) stay fp32, as autocast leaves element-wise ops in their inputs' dtype
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_BACKEND = "inductor"    # tests on CPU swap in "aot_eager" (traced by dynamo/AOTAutograd, no C++ build)
+
+
+class LossScale:
+    """fp16's dynamic loss scale, with torch.amp.GradScaler's schedule (start 2¹⁶, halve on overflow, double after
+    2000 good steps in a row): the loss is multiplied by `scale` before backward and the gradients divided by it
+    (powers of two: exact) before the update. A step whose loss or gradients are not finite is skipped, as ECT's
+    fp16 training does (UNVERIFIED against its code); the run diverged only when the scale falls below 1."""
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000):
+        self.scale, self.growth_interval, self.good, self.skipped = scale, growth_interval, 0, 0
+
+    def update(self, finite: bool) -> None:
+        if finite:
+            self.good += 1
+            if self.good == self.growth_interval:
+                self.scale, self.good = self.scale * 2, 0
+        else:
+            self.scale, self.good, self.skipped = self.scale / 2, 0, self.skipped + 1
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good": self.good, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good, self.skipped = state["scale"], state["good"], state["skipped"]
+
+    def stats(self) -> dict:
+        return {"loss_scale": self.scale, "skipped_steps": self.skipped}
+
+
 def build_optimizer(cfg: RunConfig, params):
     o = cfg.optim
     cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam, "adamw": torch.optim.AdamW}[o.name]
@@ -98,6 +132,7 @@ class Trainer:
     opt: torch.optim.Optimizer
     generator: torch.Generator   # the data and noise stream, on the training device: its state is the data cursor
     gamma: float | None          # EDM2 power-EMA exponent, or None for a constant ema_decay
+    scaler: LossScale | None     # train.precision fp16 only
 
     @classmethod
     def build(cls, cfg: RunConfig, rdir: Path, dev: torch.device) -> "Trainer":
@@ -116,9 +151,18 @@ class Trainer:
             loss_fn.module.to(dev)
         params = list(model.parameters()) + (list(loss_fn.module.parameters()) if loss_fn.module is not None else [])
         t = cfg.train
+        if t.compile:      # in place, after the copies: state_dict keys and the EMA stay those of the plain module
+            for net in (model, target):
+                if net is not None:
+                    net.compile(backend=COMPILE_BACKEND)
         return cls(cfg, rdir, dev, data, model, ema, target, loss_fn, params,
                    build_optimizer(cfg, params), torch.Generator(dev).manual_seed(cfg.run.seed),
-                   power_ema_gamma(t.ema_sigma_rel) if t.ema_sigma_rel is not None else None)
+                   power_ema_gamma(t.ema_sigma_rel) if t.ema_sigma_rel is not None else None,
+                   LossScale() if t.precision == "fp16" else None)
+
+    def autocast(self):
+        p = self.cfg.train.precision
+        return contextlib.nullcontext() if p == "fp32" else torch.autocast(self.dev.type, AUTOCAST[p])
 
     def state_dict(self, step: int) -> dict:
         ck = {"step": step, "config_hash": self.cfg.hash, "model": self.model.state_dict(),
@@ -127,6 +171,8 @@ class Trainer:
             ck["target"] = self.target.state_dict()
         if self.loss_fn.module is not None:
             ck["loss_module"] = self.loss_fn.module.state_dict()
+        if self.scaler is not None:
+            ck["loss_scale"] = self.scaler.state_dict()
         return ck
 
     def load_state_dict(self, state: dict) -> int:
@@ -138,6 +184,8 @@ class Trainer:
         if self.loss_fn.module is not None:
             self.loss_fn.module.load_state_dict(state["loss_module"])
         self.opt.load_state_dict(state["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["loss_scale"])
         set_rng_state(state, self.generator)
         return state["step"]
 
@@ -154,20 +202,32 @@ class Trainer:
             x0, labels = self.data.sample_batch(t.batch, self.generator)
             x0, labels = x0[part], None if labels is None else labels[part]
             target = self.target if self.target is not None else self.model
-            micro = self.loss_fn(self.model, target, x0, step, draws, labels).sum() / t.batch
-            micro.backward()
+            with self.autocast():
+                micro = self.loss_fn(self.model, target, x0, step, draws, labels).float().sum() / t.batch
+            (micro if self.scaler is None else micro * self.scaler.scale).backward()
             loss += micro.detach()
         distributed.all_sum([loss] + [p.grad for p in self.params if p.grad is not None], world)
         return loss
 
-    def step(self, step: int, parts: list[slice], world: int) -> tuple[float, float]:
-        """One optimisation step; returns (loss, gradient norm). A non-finite loss or gradient norm stops the run
-        before the update (TrainingDiverged), so the newest checkpoint stays good."""
+    def step(self, step: int, parts: list[slice], world: int) -> tuple[float | None, float]:
+        """One optimisation step; returns (loss, gradient norm), loss None for an fp16 step skipped on overflow
+        (LossScale). A non-finite loss or gradient norm otherwise stops the run before the update
+        (TrainingDiverged), so the newest checkpoint stays good."""
         # the guards read Python floats (loss.item() is logged anyway); get_total_norm is the value
         # clip_grad_norm_(params, inf) returns, without its multiplication of every gradient by 1.0
         loss = self.gradients(step, parts, world).item()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.scaler is not None:
+            torch._foreach_div_(grads, self.scaler.scale)
+            grad_norm = torch.nn.utils.get_total_norm(grads).item()
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            self.scaler.update(finite)
+            if not finite:
+                if self.scaler.scale < 1:
+                    self.guard(step, "loss or gradient norm (fp16 loss scale fell below 1)", math.nan)
+                return None, grad_norm
         self.guard(step, "loss", loss)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).item()
+        grad_norm = torch.nn.utils.get_total_norm(grads).item() if self.scaler is None else grad_norm
         self.guard(step, "gradient norm", grad_norm)
         self.opt.step()
         self.update_averages(step)
@@ -273,11 +333,12 @@ def _train(cfg: RunConfig, rdir: Path, rank: int, world: int, progress: bool,
             loss, grad_norm = tr.step(step, parts, world)
             done = step + 1
             log.add(loss)
-            if line is not None:
+            if line is not None and loss is not None:
                 line.add(done, loss)
             if done % t.log_every == 0 or done == t.steps:
-                rec = log.write(step, grad_norm, lr=tr.opt.param_groups[0]["lr"], **tr.loss_fn.stats(step))
-                bar.set_postfix(loss=f"{rec['loss']:.3g}")
+                rec = log.write(step, grad_norm, lr=tr.opt.param_groups[0]["lr"], **tr.loss_fn.stats(step),
+                                **(tr.scaler.stats() if tr.scaler is not None else {}))
+                bar.set_postfix(loss="skipped" if rec["loss"] is None else f"{rec['loss']:.3g}")
             # the last step too: final.pt can then be rebuilt without training (Snakemake deletes a re-run job's outputs)
             if main and (done % t.checkpoint_every == 0 or done == t.steps):
                 save(done)
@@ -328,15 +389,18 @@ class StatsLog:
     def __exit__(self, *exc):
         self.file.close()
 
-    def add(self, loss: float) -> None:
-        self.loss_sum, self.n, self.timed = self.loss_sum + loss, self.n + 1, self.timed + 1
+    def add(self, loss: float | None) -> None:
+        """None: an fp16 step skipped on overflow, timed but not in the mean."""
+        self.timed += 1
+        if loss is not None:
+            self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
 
     def window(self) -> tuple[float, int]:
         return self.loss_sum, self.n
 
     def write(self, step: int, grad_norm: float, **extra) -> dict:
         now = time.perf_counter()
-        rec = {"step": step, "loss": self.loss_sum / self.n, "grad_norm": grad_norm, **extra,
+        rec = {"step": step, "loss": self.loss_sum / self.n if self.n else None, "grad_norm": grad_norm, **extra,
                "sec_per_kstep": 1000 * (now - self.tick) / self.timed}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
