@@ -10,7 +10,6 @@ a tiny U-Net and tiny sizes, end to end on a CPU (the plumbing, not the speed). 
 import argparse
 import datetime
 import json
-import math
 import sys
 import tempfile
 import time

@@ -435,9 +435,10 @@ class RunConfig(Strict):
     def _hashed(self) -> dict:
         """to_dict() less the fields added after runs existed, while at their defaults: their hashes stay."""
         d = self.to_dict()
-        for key, default in UNHASHED_DEFAULTS.items():
-            if d["train"][key] == default:
-                del d["train"][key]
+        for block, defaults in UNHASHED_DEFAULTS.items():
+            for key, default in defaults.items():
+                if d[block][key] == default:
+                    del d[block][key]
         return d
 
     @property
@@ -475,8 +476,10 @@ RESOURCES = {"train": ("batch_per_device", "threads", "checkpoint_every", "keep_
                        "progress_seconds", "compile"),
              "sample": ("batch",)}
 
-# train fields added later, left out of every hash while at these defaults (fp32, no compile: what ran before)
-UNHASHED_DEFAULTS = {"precision": "fp32", "compile": False}
+# fields added later, left out of every hash while at these defaults (what ran before they existed): fp32, no
+# compile, a one-time net, no flow-map model, no weight decay
+UNHASHED_DEFAULTS = {"train": {"precision": "fp32", "compile": False}, "net": {"time2": "none"},
+                     "precond": {"flowmap": None}, "optim": {"weight_decay": 0.0}}
 
 
 def config_hash(d: dict) -> str:
