@@ -14,7 +14,7 @@ from cmbench import cli
 from cmbench.checks import check_run
 from cmbench.config import ConfigError, Experiment, parse_overrides
 from cmbench.workflow import Plan
-from conftest import REPO
+from conftest import REPO, edit_yaml
 
 
 def one_line_error(fn, *match) -> str:
@@ -130,6 +130,10 @@ def test_unknown_or_path_like_suites_are_refused_in_every_entry(configs, tmp_pat
 
 
 def test_batch_per_device_and_rank_divisibility_are_checked_at_plan_time(configs, tmp_path):
+    # the variants whose losses take any batch (Shortcut needs bootstrap rows per step level, IMM groups of 4)
+    toy = {"variants": ["ct", "ict", "edm", "cd", "direct_cm", "sct", "scd", "ect", "meanflow"],
+           "datasets": ["gauss1d", "ring2d"], "seeds": [0, 1]}
+    edit_yaml(configs / "experiment.yaml", {"suites": {"toy": toy}})
     one_line_error(lambda: plan(configs, set="train.batch_per_device=7"),
                    "train: batch_per_device 7 does not divide batch 512")
     assert {c.train.batch_per_device for c in plan(configs, set="train.batch_per_device=128").runs.values()} == {128}
