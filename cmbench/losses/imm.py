@@ -94,10 +94,7 @@ class IMM(Loss):
 
     @classmethod
     def check(cls, params, cfg):
-        fm = cfg.precond.flowmap
-        if fm is None or fm.path != "fm_sd" or fm.output != "trigflow":
-            raise ValueError("trains IMM's simple_edm flow map: needs precond 'flowmap' with flowmap.path 'fm_sd' and "
-                             "flowmap.output 'trigflow'")
+        pieces.require_flowmap(cfg, "fm_sd", "trigflow", "IMM's simple_edm flow map")
         for key, size in (("batch", cfg.train.batch), ("batch_per_device", cfg.train.batch_per_device)):
             if size is not None and size % params.particles:
                 raise ValueError(f"particles {params.particles} must divide train.{key} {size} (groups share "

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from cmbench.config import Strict
 from cmbench.draws import Draws
-from cmbench.losses import register
+from cmbench.losses import pieces, register
 from cmbench.losses.base import Loss
 
 
@@ -65,10 +65,7 @@ class MeanFlow(Loss):
 
     @classmethod
     def check(cls, params, cfg):
-        fm = cfg.precond.flowmap
-        if cfg.precond.name != "flowmap" or fm.output != "velocity" or fm.path != "fm":
-            raise ValueError("trains an average velocity on the unit-noise linear path: needs precond 'flowmap' "
-                             "with flowmap.output 'velocity' and flowmap.path 'fm'")
+        pieces.require_flowmap(cfg, "fm", "velocity", "an average velocity on the unit-noise linear path")
 
     def residual(self, model, x0: torch.Tensor, eps: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                  labels: torch.Tensor | None = None) -> torch.Tensor:

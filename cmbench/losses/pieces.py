@@ -113,3 +113,13 @@ def inv_delta_weight(sig_lo: torch.Tensor, sig_hi: torch.Tensor) -> torch.Tensor
 
 WEIGHTINGS = {"uniform": uniform_weight, "inv_delta": inv_delta_weight}
 Weighting = Literal[tuple(WEIGHTINGS)]
+
+
+# --- the model a flow-map loss trains --------------------------------------------------------------------------
+
+def require_flowmap(cfg, path: str, output: str, what: str) -> None:
+    """ValueError unless the run's model is the flow map `what` needs: precond 'flowmap' on `path` in form `output`."""
+    fm = cfg.precond.flowmap
+    if cfg.precond.name != "flowmap" or fm.path != path or fm.output != output:
+        raise ValueError(f"trains {what}: needs precond 'flowmap' with flowmap.path {path!r} and flowmap.output "
+                         f"{output!r}")

@@ -60,10 +60,7 @@ class Shortcut(Loss):
 
     @classmethod
     def check(cls, params, cfg):
-        spec = cfg.precond.flowmap
-        if cfg.precond.name != "flowmap" or spec.output != "velocity" or spec.path != "fm":
-            raise ValueError("trains an average-velocity flow map of the unit-noise linear path: needs precond "
-                             "'flowmap' with flowmap.output 'velocity' and flowmap.path 'fm'")
+        pieces.require_flowmap(cfg, "fm", "velocity", "an average-velocity flow map of the unit-noise linear path")
         if params.m & (params.m - 1):
             raise ValueError(f"m {params.m} must be a power of 2 (dyadic step sizes d = 2^−k)")
         levels = int(math.log2(params.m))
